@@ -1,0 +1,5 @@
+import sys
+
+from advdetect.cli import main
+
+sys.exit(main())

@@ -1,0 +1,29 @@
+"""Maximum softmax probability: Hendrycks and Gimpel, "A Baseline for Detecting Misclassified
+and Out-of-Distribution Examples in Neural Networks", ICLR 2017, arXiv 1610.02136.
+
+Needs nothing but the model's outputs and no fitting: the lower the top softmax
+probability, the more suspect the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from advdetect.detectors import register_detector
+from advdetect.detectors.base import Detector
+from advdetect.inference import batched_logits
+
+
+@register_detector
+class MaxSoftmax(Detector):
+    name = "msp"
+    needs_adversarial = False
+
+    def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+        probabilities = torch.softmax(batched_logits(model, inputs, batch_size).double(), dim=1)
+        return probabilities.max(dim=1).values.numpy()[:, None]
+
+    def score(self, signatures: np.ndarray) -> np.ndarray:
+        return -np.asarray(signatures)[:, 0]

@@ -1,0 +1,57 @@
+"""Detection metrics, adversarial (or out-of-distribution) inputs as the positive class.
+
+Scores follow one convention everywhere: higher means more likely adversarial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_accuracy")
+
+
+def detection_metrics(clean_scores: np.ndarray, adversarial_scores: np.ndarray) -> dict[str, float]:
+    """AUROC; AUPR-in (clean as positive, scores negated); AUPR-out (adversarial as positive);
+    FPR at 95% TPR (the smallest false-positive rate at which at least 95% of adversarial inputs
+    are flagged); detection accuracy (the best balanced accuracy over thresholds,
+    max 0.5 * (TPR + 1 - FPR), as in Liang et al. 2018 and Lee et al. 2018)."""
+    clean_scores = np.asarray(clean_scores, dtype=np.float64).ravel()
+    adversarial_scores = np.asarray(adversarial_scores, dtype=np.float64).ravel()
+    if len(clean_scores) == 0 or len(adversarial_scores) == 0:
+        raise ValueError("detection metrics need at least one clean and one adversarial score")
+    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(adversarial_scores))]
+    scores = np.r_[clean_scores, adversarial_scores]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {
+        "auroc": float(roc_auc_score(labels, scores)),
+        "aupr_in": float(average_precision_score(1 - labels, -scores)),
+        "aupr_out": float(average_precision_score(labels, scores)),
+        "fpr_at_95tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+        "detection_accuracy": float(np.max(0.5 * (tpr + 1.0 - fpr))),
+    }
+
+
+@dataclass
+class DetectionMetrics:
+    """Accumulates scores batch by batch (on the CPU) and computes :func:`detection_metrics`."""
+
+    _clean: list[np.ndarray] = field(default_factory=list)
+    _adversarial: list[np.ndarray] = field(default_factory=list)
+
+    def update(self, scores: np.ndarray, is_adversarial: np.ndarray) -> None:
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        is_adversarial = np.asarray(is_adversarial, dtype=bool).ravel()
+        if scores.shape != is_adversarial.shape:
+            raise ValueError(f"{len(scores)} scores but {len(is_adversarial)} labels")
+        self._clean.append(scores[~is_adversarial])
+        self._adversarial.append(scores[is_adversarial])
+
+    def compute(self) -> dict[str, float]:
+        return detection_metrics(np.concatenate(self._clean or [[]]), np.concatenate(self._adversarial or [[]]))
+
+    def reset(self) -> None:
+        self._clean.clear()
+        self._adversarial.clear()

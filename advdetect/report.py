@@ -1,0 +1,247 @@
+"""Stage 3: ``results.json``, ``report.html`` (self-contained) and ``report.pdf`` from a run folder."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from advdetect.audit import read_attack_records, read_run, record_timing  # noqa: E402
+from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo  # noqa: E402
+from advdetect.storage import atomic_write, load_arrays, read_json, write_bytes, write_json  # noqa: E402
+from advdetect.suite import format_strength  # noqa: E402
+
+DETECTOR_COLORS = plt.get_cmap("tab10").colors
+
+
+@dataclass
+class Cell:
+    """One attack x strength with its result rows and test scores, as the report shows it."""
+
+    record: AttackRecord
+    rows: list[ResultRow]
+    scores: dict[str, np.ndarray]
+
+    @property
+    def label(self) -> str:
+        return f"{self.record.strength_name} = {format_strength(self.record.strength)}"
+
+    @property
+    def anchor(self) -> str:
+        return f"roc-{self.record.slug}"
+
+
+def load_cells(run_dir: Path) -> tuple[RunInfo, list[Cell]]:
+    info = read_run(run_dir)
+    records = read_attack_records(run_dir)
+    detection = run_dir / "detection.json"
+    rows = [ResultRow.from_dict(r) for r in read_json(detection)] if detection.is_file() else []
+    cells = []
+    for record in records:
+        cell_rows = [r for r in rows if r.attack == record.attack and r.strength == record.strength]
+        scores_path = run_dir / "scores" / f"{record.slug}.npz"
+        cells.append(Cell(record, cell_rows, load_arrays(scores_path) if scores_path.is_file() else {}))
+    return info, cells
+
+
+def results_document(info: RunInfo, cells: list[Cell]) -> dict[str, Any]:
+    return {
+        "schema": RESULTS_SCHEMA,
+        "clean_accuracy": info.clean_accuracy,
+        "model": info.model,
+        "data": info.data,
+        "suite": info.suite,
+        "seed": info.seed,
+        "device": info.device,
+        "fit_fraction": info.fit_fraction,
+        "versions": info.versions,
+        "started_at": info.started_at,
+        "timings": info.timings,
+        "attacks": [cell.record.to_dict() for cell in cells],
+        "results": [row.to_dict() for cell in cells for row in cell.rows],
+    }
+
+
+def _color(detectors: list[str], name: str) -> tuple[float, float, float]:
+    return DETECTOR_COLORS[detectors.index(name) % len(DETECTOR_COLORS)]
+
+
+def draw_roc(ax: plt.Axes, cell: Cell, detectors: list[str]) -> None:
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance (0.500)")
+    reasons = []
+    for row in cell.rows:
+        clean, adversarial = cell.scores.get(f"{row.detector}__clean"), cell.scores.get(f"{row.detector}__adversarial")
+        if row.auroc is None or clean is None or adversarial is None:
+            reasons.append(row.reason or "not scored")
+            continue
+        fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
+        ax.plot(fpr, tpr, color=_color(detectors, row.detector), linewidth=1.8, label=f"{row.detector} ({row.auroc:.3f})")
+    if reasons and len(reasons) == len(cell.rows):
+        ax.text(0.5, 0.55, "no ROC:\n" + _wrap(reasons[0], 38), ha="center", va="center", fontsize=7, color="0.3",
+                transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.8"})
+    asr = cell.record.attack_success_rate
+    ax.set_title(f"{cell.record.attack}  {cell.label}\nsuccess {_pct(asr)}, {cell.rows[0].n_adv if cell.rows else 0} test pairs",
+                 fontsize=9)
+    ax.set_xlabel("false-positive rate (clean flagged)", fontsize=8)
+    ax.set_ylabel("true-positive rate (adversarial flagged)", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=7)
+    ax.legend(loc="lower right", fontsize=7, title="detector (AUROC)", title_fontsize=7)
+
+
+def draw_comparison(ax: plt.Axes, attack_cells: list[Cell], detectors: list[str]) -> None:
+    """AUROC of every detector against strength, with the attack success rate for context."""
+    strengths = [c.record.strength for c in attack_cells]
+    positions = np.arange(len(strengths))
+    for name in detectors:
+        values = [next((r.auroc for r in c.rows if r.detector == name), None) for c in attack_cells]
+        ax.plot(positions, [np.nan if v is None else v for v in values], marker="o", color=_color(detectors, name), label=name)
+    ax.plot(positions, [np.nan if c.record.attack_success_rate is None else c.record.attack_success_rate for c in attack_cells],
+            marker="s", linestyle=":", color="0.35", label="attack success rate")
+    ax.axhline(0.5, linestyle="--", color="0.7", linewidth=1)
+    ax.set_xticks(positions, [format_strength(s) for s in strengths])
+    ax.set_xlabel(attack_cells[0].record.strength_name, fontsize=8)
+    ax.set_ylabel("AUROC / success rate", fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{attack_cells[0].record.attack}: detectors by strength", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _png(fig: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _by_attack(cells: list[Cell]) -> dict[str, list[Cell]]:
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.record.attack, []).append(cell)
+    return groups
+
+
+def summary_table(info: RunInfo, cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary: one row per cell, one AUROC column per detector."""
+    header = ["attack", "strength", "success", "mean L2", "mean Linf", *[f"AUROC {d}" for d in info.detectors]]
+    table = []
+    for cell in cells:
+        aurocs = {r.detector: r.auroc for r in cell.rows}
+        r = cell.record
+        table.append([r.attack, f"{r.strength_name}={format_strength(r.strength)}", _pct(r.attack_success_rate),
+                      "-" if r.mean_l2 is None else f"{r.mean_l2:.3f}", "-" if r.mean_linf is None else f"{r.mean_linf:.3f}",
+                      *["-" if aurocs.get(d) is None else f"{aurocs[d]:.3f}" for d in info.detectors]])
+    return header, table
+
+
+def header_items(info: RunInfo) -> list[tuple[str, str]]:
+    model, data = info.model, info.data
+    return [
+        ("model", f"{model['spec']} ({model['name']}, {model['num_parameters']:,} parameters in "
+                  f"{model['num_parameter_tensors']} tensors, sha256 {model['sha256'][:12]})"),
+        ("data", f"{data['spec']}: {data['n']} of {data['n_available']} inputs, shape {data['shape']}, "
+                 f"{data['num_classes']} classes"),
+        ("clean accuracy", f"{info.clean_accuracy:.3f}"),
+        ("suite", f"{info.suite['name']} ({info.suite['source']})"),
+        ("seed / device", f"{info.seed} / {info.device}"),
+        ("protocol", f"seen: {100 * info.fit_fraction:g}% of fooled source inputs fit the detector, the rest test it"),
+        ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
+        ("started", info.started_at),
+    ]
+
+
+def write_pdf(path: Path, info: RunInfo, cells: list[Cell]) -> None:
+    def render(handle: Any) -> None:
+        with PdfPages(handle) as pdf:
+            fig = plt.figure(figsize=(11.7, 8.3))
+            fig.text(0.04, 0.95, "advdetect audit report", fontsize=16, weight="bold")
+            y = 0.90
+            for key, value in header_items(info):
+                fig.text(0.04, y, f"{key}:", fontsize=8, weight="bold")
+                fig.text(0.17, y, _wrap(value, 150), fontsize=8, va="top" if len(value) > 150 else "baseline")
+                y -= 0.03 if len(value) <= 150 else 0.045
+            header, table = summary_table(info, cells)
+            ax = fig.add_axes([0.04, 0.03, 0.92, y - 0.06])
+            ax.axis("off")
+            tbl = ax.table(cellText=table, colLabels=header, loc="upper center", cellLoc="center")
+            tbl.auto_set_font_size(False)
+            tbl.set_fontsize(7)
+            tbl.scale(1, 1.15)
+            pdf.savefig(fig)
+            plt.close(fig)
+            for attack, attack_cells in _by_attack(cells).items():
+                columns = len(attack_cells) + 1
+                ncols = min(columns, 4)
+                nrows = math.ceil(columns / ncols)
+                fig, axes = plt.subplots(nrows, ncols, figsize=(11.7, 8.3 if nrows > 1 else 4.6), squeeze=False)
+                for ax, cell in zip(axes.flat, attack_cells):
+                    draw_roc(ax, cell, info.detectors)
+                draw_comparison(axes.flat[len(attack_cells)], attack_cells, info.detectors)
+                for ax in list(axes.flat)[columns:]:
+                    ax.axis("off")
+                fig.suptitle(f"{attack}: ROC per strength (adversarial = positive)", fontsize=12)
+                fig.tight_layout()
+                pdf.savefig(fig)
+                plt.close(fig)
+
+    atomic_write(path, render)
+
+
+def write_html(path: Path, info: RunInfo, cells: list[Cell]) -> None:
+    sections = []
+    for attack, attack_cells in _by_attack(cells).items():
+        figures = []
+        for cell in attack_cells:
+            fig, ax = plt.subplots(figsize=(4.2, 4.4))
+            draw_roc(ax, cell, info.detectors)
+            figures.append({"anchor": cell.anchor, "alt": f"ROC curves, {cell.record.key}", "png": _png(fig),
+                            "rows": cell.rows})
+        fig, ax = plt.subplots(figsize=(4.6, 4.4))
+        draw_comparison(ax, attack_cells, info.detectors)
+        sections.append({"attack": attack, "figures": figures, "comparison": _png(fig),
+                         "params": attack_cells[0].record.params, "strength_name": attack_cells[0].record.strength_name})
+    header, table = summary_table(info, cells)
+    env = Environment(loader=PackageLoader("advdetect", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        header_items=header_items(info), header=header, table=table, sections=sections, detectors=info.detectors,
+    )
+    write_bytes(path, html.encode())
+
+
+def write_report(run_dir: Path) -> dict[str, Any]:
+    """Write ``report.pdf``, ``report.html`` and ``results.json``; returns the results document."""
+    started = time.perf_counter()
+    info, cells = load_cells(run_dir)
+    write_pdf(run_dir / "report.pdf", info, cells)
+    write_html(run_dir / "report.html", info, cells)
+    info = record_timing(run_dir, "report", time.perf_counter() - started)
+    document = results_document(info, cells)
+    write_json(run_dir / "results.json", document)
+    return document

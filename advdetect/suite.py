@@ -1,0 +1,181 @@
+"""Audit suites: TOML files that list attacks, each swept over one strength axis.
+
+```toml
+[[attack]]
+name = "pgd"            # a registered attack (torchattacks class name), case-insensitive
+eps = [0.05, 0.1, 0.2]  # exactly one list-valued keyword: the strength axis
+alpha = 0.01            # every other keyword goes to the attack's constructor
+steps = 10
+```
+
+An optional ``id`` names an attack in results when one suite runs the same attack twice.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from advdetect.attacks import get_attack
+from advdetect.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Scalar = int | float | str | bool
+TOP_LEVEL_KEYS = ("description", "attack")
+
+
+def format_strength(value: float) -> str:
+    return format(value, "g")
+
+
+@dataclass(frozen=True)
+class AttackCell:
+    """One attack at one strength: the unit of attack work and of every result row."""
+
+    attack: str
+    attack_name: str
+    strength_name: str
+    strength: float
+    params: dict[str, Scalar] = field(hash=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.attack}[{self.strength_name}={format_strength(self.strength)}]"
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form of :attr:`key`."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{self.attack}_{self.strength_name}-{format_strength(self.strength)}")
+
+    def constructor_params(self) -> dict[str, Scalar]:
+        return {**self.params, self.strength_name: self.strength}
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    attack: str
+    attack_name: str
+    strength_name: str
+    strengths: tuple[float, ...]
+    params: dict[str, Scalar] = field(hash=False)
+
+    def cells(self) -> list[AttackCell]:
+        return [AttackCell(self.attack, self.attack_name, self.strength_name, s, dict(self.params)) for s in self.strengths]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.attack, "name": self.attack_name, self.strength_name: list(self.strengths), **self.params}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    source: str
+    description: str
+    attacks: tuple[AttackSpec, ...]
+
+    def cells(self) -> list[AttackCell]:
+        return [cell for spec in self.attacks for cell in spec.cells()]
+
+    def select(self, attack_ids: list[str]) -> "Suite":
+        """Keep only the named attacks (by id), in the suite's order."""
+        known = [spec.attack for spec in self.attacks]
+        unknown = [a for a in attack_ids if a.lower() not in known]
+        if unknown:
+            raise UsageError(
+                f"--attacks names {', '.join(unknown)}, not in suite {self.name!r}; its attacks: {', '.join(known)}"
+            )
+        wanted = {a.lower() for a in attack_ids}
+        return Suite(self.name, self.source, self.description, tuple(s for s in self.attacks if s.attack in wanted))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The suite as a TOML-shaped document; :func:`suite_from_document` reads it back."""
+        return {"description": self.description, "attack": [spec.to_dict() for spec in self.attacks]}
+
+
+def builtin_suites() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in (resources.files("advdetect") / "suites").iterdir() if p.name.endswith(".toml"))
+
+
+def load_suite(ref: str) -> Suite:
+    """Load a suite from a file path, or by name from the suites that ship with advdetect."""
+    path = Path(ref)
+    if path.is_file():
+        return parse_suite(_read(path), name=path.stem, source=str(path))
+    builtin = resources.files("advdetect") / "suites" / f"{ref}.toml"
+    if "/" not in ref and not ref.endswith(".toml") and builtin.is_file():
+        return parse_suite(builtin.read_text(encoding="utf-8"), name=ref, source=f"builtin:{ref}")
+    if path.exists():
+        raise UsageError(f"suite {ref!r} is not a file; give a TOML suite file or one of: {', '.join(builtin_suites())}")
+    raise UsageError(f"suite file {ref!r} not found; give a TOML suite path or one of: {', '.join(builtin_suites())}")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read suite {path}: {exc}") from None
+
+
+def parse_suite(text: str, name: str, source: str) -> Suite:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{source}: malformed TOML: {exc}") from None
+    return suite_from_document(doc, name, source)
+
+
+def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
+    unknown = sorted(set(doc) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise UsageError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(TOP_LEVEL_KEYS)}")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise UsageError(f"{source}: 'description' must be a string")
+    tables = doc.get("attack")
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise UsageError(f"{source}: no attacks; add at least one [[attack]] table with a name and one list-valued strength")
+    specs = [_parse_attack(table, f"{source}: attack #{i + 1}") for i, table in enumerate(tables)]
+    ids = [s.attack for s in specs]
+    duplicates = sorted({a for a in ids if ids.count(a) > 1})
+    if duplicates:
+        raise UsageError(f"{source}: attack {', '.join(duplicates)} appears twice; give each an 'id' = \"...\" of its own")
+    return Suite(name=name, source=source, description=description, attacks=tuple(specs))
+
+
+def _parse_attack(table: dict[str, Any], where: str) -> AttackSpec:
+    table = dict(table)
+    name = table.pop("name", None)
+    if not isinstance(name, str):
+        raise UsageError(f"{where}: missing 'name' (a torchattacks attack such as \"pgd\")")
+    attack_id = table.pop("id", name)
+    if not isinstance(attack_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", attack_id):
+        raise UsageError(f"{where}: 'id' must be letters, digits, '.', '_' or '-'")
+    entry = get_attack(name)
+    where = f"{where} ({name})"
+    valid = entry.keywords
+    unknown = [k for k in table if k not in valid]
+    if unknown:
+        raise UsageError(f"{where}: unknown keyword(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    axes = [k for k, v in table.items() if isinstance(v, list)]
+    if len(axes) != 1:
+        found = f"found {', '.join(axes)}" if axes else "found none"
+        raise UsageError(f"{where}: give exactly one list-valued keyword as the strength axis ({found})")
+    axis = axes[0]
+    strengths = table.pop(axis)
+    if not strengths or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in strengths):
+        raise UsageError(f"{where}: strength axis {axis!r} must be a non-empty list of numbers")
+    if len(set(strengths)) != len(strengths):
+        raise UsageError(f"{where}: strength axis {axis!r} repeats a value")
+    for key, value in table.items():
+        if not isinstance(value, (int, float, str, bool)):
+            raise UsageError(f"{where}: keyword {key!r} must be a number, string or boolean")
+    return AttackSpec(attack=attack_id.lower(), attack_name=entry.name, strength_name=axis,
+                      strengths=tuple(strengths), params=table)
