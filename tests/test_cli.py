@@ -1,0 +1,109 @@
+"""The CLI end to end on the embedded default with a tiny suite, and its bad-input contract."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from advdetect.cli import main
+from advdetect.metrics import METRIC_NAMES
+
+TINY_SUITE = """
+[[attack]]
+name = "fgsm"
+eps = [0.1, 0.3]
+
+[[attack]]
+name = "pgd"
+eps = [0.3]
+alpha = 0.1
+steps = 3
+"""
+ROW_KEYS = {"attack", "strength_name", "strength", "detector", "protocol", "n_clean", "n_adv", "attack_success_rate",
+            *METRIC_NAMES, "reason"}
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    suite = root / "tiny.toml"
+    suite.write_text(TINY_SUITE)
+    assert main(["audit", str(suite), "--n", "120", "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_audit_writes_results_with_a_row_per_cell_and_detector(audited: Path):
+    results = json.loads((audited / "results.json").read_text())
+    assert results["schema"] == 1 and 0.9 < results["clean_accuracy"] <= 1
+    assert results["model"]["spec"] == "default" and results["data"]["n"] == 120
+    assert set(results["timings"]) == {"load", "attack", "detect", "report"}
+    cells = [(r["attack"], r["strength"]) for r in results["attacks"]]
+    assert cells == [("fgsm", 0.1), ("fgsm", 0.3), ("pgd", 0.3)]
+    rows = results["results"]
+    assert [(r["attack"], r["strength"], r["detector"]) for r in rows] == [
+        (a, s, d) for a, s in cells for d in ("confounding_gradient", "msp")]
+    for row in rows:
+        assert ROW_KEYS <= set(row) and row["protocol"] == "seen"
+        if row["reason"] is None:
+            assert all(0.0 <= row[m] <= 1.0 for m in METRIC_NAMES) and row["n_clean"] == row["n_adv"] >= 10
+        else:
+            assert all(row[m] is None for m in METRIC_NAMES)
+    strong = [r for r in rows if r["strength"] == 0.3]
+    assert all(r["reason"] is None for r in strong) and all(r["attack_success_rate"] > 0.5 for r in strong)
+    weak = results["attacks"][0]
+    assert 0 < weak["attack_success_rate"] < 0.5 and weak["max_linf"] <= 0.1 + 1e-6
+    weak_rows = {r["detector"]: r for r in rows[:2]}  # too few pairs to fit the detector, enough to test msp
+    assert "too few adversarial examples" in weak_rows["confounding_gradient"]["reason"]
+    assert weak_rows["msp"]["reason"] is None
+
+
+def test_every_cell_has_its_roc_figure_in_html_and_pdf(audited: Path):
+    html = (audited / "report.html").read_text()
+    for slug in ("fgsm_eps-0.1", "fgsm_eps-0.3", "pgd_eps-0.3"):
+        assert f'<figure id="roc-{slug}">\n    <img src="data:image/png;base64,' in html
+    assert "http://" not in html and "https://" not in html  # self-contained
+    pdf = (audited / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") >= 3  # summary + 2 attacks
+
+
+def test_stages_rerun_alone_reproduce_the_results(audited: Path, capsys: pytest.CaptureFixture):
+    before = json.loads((audited / "results.json").read_text())["results"]
+    assert main(["report", str(audited)]) == 0
+    assert json.loads((audited / "results.json").read_text())["results"] == before
+    assert main(["detect", str(audited)]) == 0
+    assert json.loads((audited / "results.json").read_text())["results"] == before
+    assert "AUROC confounding_gradient" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["audit", "missing.toml"], "suite file 'missing.toml' not found"),
+        (["audit", "{suite}", "--n", "20"], "unknown attack 'fgsn'; valid attacks:"),
+        (["audit", "{bad_toml}"], "malformed TOML"),
+        (["audit", "--attacks", "nope"], "--attacks names nope, not in suite 'default'"),
+        (["audit", "--model", "nope"], "unknown model spec 'nope'"),
+        (["audit", "--n", "100000"], "--n 100000 asks for more inputs"),
+        (["report", "{tmp}"], "is not an audit run folder"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unknown.toml").write_text('[[attack]]\nname = "fgsn"\neps = [0.1]\n')
+    (tmp_path / "bad.toml").write_text('[[attack]\nname = "fgsm"\n')
+    args = [a.format(suite="unknown.toml", bad_toml="bad.toml", tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("advdetect: error: ") and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "unknown.toml"]  # no reports/ folder
+
+
+def test_console_entry_point_exits_2_on_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "advdetect", "audit", "nope.toml", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("advdetect: error: suite file 'nope.toml' not found; "
+                                     "give a TOML suite path or one of: default, standard")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+
+from advdetect.detectors import DETECTORS, get_detector
+from advdetect.errors import UsageError
+from advdetect.features import confounding_gradient_features
+from advdetect.metrics import detection_metrics
+
+
+def test_registry_holds_the_detectors_and_rejects_unknown_names():
+    assert {"confounding_gradient", "msp"} <= set(DETECTORS)
+    with pytest.raises(UsageError, match="unknown detector 'nope'; valid detectors: .*confounding_gradient"):
+        get_detector("nope")
+
+
+def test_confounding_gradient_ranks_a_separable_case():
+    rng = np.random.default_rng(0)
+    # adversarial inputs have larger gradient norms in two of six tensors, on a log scale
+    clean = np.exp(rng.normal(0, 1, (40, 6)))
+    adversarial = np.exp(rng.normal(0, 1, (40, 6)) + np.array([0, 3, 0, 0, 3, 0]))
+    detector = get_detector("confounding_gradient")().fit(clean[:20], adversarial[:20])
+    assert detection_metrics(detector.score(clean[20:]), detector.score(adversarial[20:]))["auroc"] > 0.97
+    assert detector.fitted_params()["C"] in detector.Cs
+
+
+def test_confounding_gradient_must_be_fitted_first_and_needs_two_pairs():
+    detector = get_detector("confounding_gradient")()
+    with pytest.raises(NotFittedError):
+        detector.score(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="at least 2 clean and 2 adversarial"):
+        detector.fit(np.ones((1, 3)), np.ones((1, 3)))
+
+
+def test_confounding_gradient_signatures_are_the_public_features(tiny_model, tiny_inputs):
+    signatures = get_detector("confounding_gradient")().signatures(tiny_model, tiny_inputs)
+    np.testing.assert_array_equal(signatures, confounding_gradient_features(tiny_model, tiny_inputs).numpy())
+
+
+def test_msp_scores_low_confidence_as_suspect(tiny_model, tiny_inputs):
+    detector = get_detector("msp")()
+    signatures = detector.signatures(tiny_model, tiny_inputs)
+    expected = torch.softmax(tiny_model(tiny_inputs).double(), 1).max(1).values.detach().numpy()
+    np.testing.assert_allclose(signatures[:, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(detector.fit(signatures, signatures).score(signatures), -expected, rtol=1e-6)

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from advdetect.metrics import DetectionMetrics, detection_metrics
+
+
+def test_hand_computed_case():
+    # clean scores 0.1, 0.4; adversarial 0.35, 0.8. Of the 4 clean/adversarial pairs, 3 are ordered right.
+    m = detection_metrics(np.array([0.1, 0.4]), np.array([0.35, 0.8]))
+    assert m["auroc"] == pytest.approx(0.75)
+    # adversarial positive, ranked 0.8 (adv), 0.4 (clean), 0.35 (adv): AP = (1 + 2/3) / 2
+    assert m["aupr_out"] == pytest.approx(5 / 6)
+    # clean positive on negated scores, ranked 0.1 (clean), 0.35 (adv), 0.4 (clean): AP = (1 + 2/3) / 2
+    assert m["aupr_in"] == pytest.approx(5 / 6)
+    # flagging every adversarial input needs the threshold at 0.35, which also flags the clean 0.4
+    assert m["fpr_at_95tpr"] == pytest.approx(0.5)
+    # best threshold: 0.8 (TPR 0.5, FPR 0) or 0.35 (TPR 1, FPR 0.5): balanced accuracy 0.75
+    assert m["detection_accuracy"] == pytest.approx(0.75)
+
+
+def test_perfect_and_inverted_detectors():
+    perfect = detection_metrics(np.array([0.0, 0.1, 0.2]), np.array([0.5, 0.9]))
+    assert perfect == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr_at_95tpr": 0.0, "detection_accuracy": 1.0}
+    inverted = detection_metrics(np.array([0.5, 0.9]), np.array([0.0, 0.1, 0.2]))
+    assert inverted["auroc"] == 0.0 and inverted["fpr_at_95tpr"] == 1.0 and inverted["detection_accuracy"] == 0.5
+
+
+def test_fpr_at_95tpr_takes_the_threshold_reaching_95_percent():
+    clean = np.arange(100) / 100.0  # 0.00 .. 0.99
+    adversarial = np.r_[np.full(95, 2.0), np.full(5, -1.0)]  # 95 above every clean score, 5 below
+    assert detection_metrics(clean, adversarial)["fpr_at_95tpr"] == 0.0
+    adversarial[94] = 0.895  # now the 95th adversarial input sits above 10 clean scores only
+    assert detection_metrics(clean, adversarial)["fpr_at_95tpr"] == pytest.approx(0.10)
+
+
+def test_streaming_metrics_equal_the_batch_computation():
+    rng = np.random.default_rng(0)
+    clean, adversarial = rng.normal(0, 1, 50), rng.normal(1, 1, 40)
+    metric = DetectionMetrics()
+    scores, labels = np.r_[clean, adversarial], np.r_[np.zeros(50), np.ones(40)]
+    for chunk in np.array_split(rng.permutation(90), 4):
+        metric.update(scores[chunk], labels[chunk])
+    assert metric.compute() == pytest.approx(detection_metrics(clean, adversarial))
+    metric.reset()
+    with pytest.raises(ValueError, match="at least one clean and one adversarial"):
+        metric.compute()

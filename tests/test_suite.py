@@ -1,0 +1,76 @@
+import pytest
+
+from advdetect.errors import UsageError
+from advdetect.suite import builtin_suites, load_suite, parse_suite, suite_from_document
+
+PGD = """
+[[attack]]
+name = "PGD"
+eps = [0.05, 0.1]
+alpha = 0.01
+steps = 5
+"""
+
+
+def parse(text: str):
+    return parse_suite(text, name="t", source="t.toml")
+
+
+def test_parses_attack_into_cells_with_one_strength_axis():
+    suite = parse(PGD)
+    (spec,) = suite.attacks
+    assert (spec.attack, spec.attack_name, spec.strength_name, spec.strengths) == ("pgd", "pgd", "eps", (0.05, 0.1))
+    assert spec.params == {"alpha": 0.01, "steps": 5}
+    cells = suite.cells()
+    assert [c.key for c in cells] == ["pgd[eps=0.05]", "pgd[eps=0.1]"]
+    assert cells[1].constructor_params() == {"alpha": 0.01, "steps": 5, "eps": 0.1}
+    assert cells[0].slug == "pgd_eps-0.05"
+
+
+def test_builtin_suites_ship_with_the_package_and_are_valid():
+    assert {"default", "standard"} <= set(builtin_suites())
+    for name in ("default", "standard"):
+        suite = load_suite(name)
+        assert {s.attack for s in suite.attacks} == {"fgsm", "bim", "pgd", "cw", "deepfool"}
+        assert all(len(s.strengths) >= 3 for s in suite.attacks)
+
+
+def test_suite_round_trips_through_its_document():
+    suite = parse(PGD + '\n[[attack]]\nname = "fgsm"\nid = "fgsm-small"\neps = [0.01, 0.02]\n')
+    again = suite_from_document(suite.to_dict(), "t", "t.toml")
+    assert again == suite
+
+
+def test_select_keeps_named_attacks_and_rejects_others():
+    suite = load_suite("default")
+    assert [s.attack for s in suite.select(["PGD", "fgsm"]).attacks] == ["fgsm", "pgd"]
+    with pytest.raises(UsageError, match="nope.*its attacks: fgsm, bim, pgd, cw, deepfool"):
+        suite.select(["nope"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[attack]]\nname = "pgdd"\neps = [0.1]', r"unknown attack 'pgdd'; valid attacks: .*\bpgd\b"),
+        ('[[attack]]\nname = "pgd"\neps = [0.1]\nepsilon = 3', r"unknown keyword\(s\) epsilon; valid: eps, alpha, steps, random_start"),
+        ('[[attack]]\nname = "pgd"\neps = 0.1', r"exactly one list-valued keyword .*found none"),
+        ('[[attack]]\nname = "pgd"\neps = [0.1]\nsteps = [1, 2]', r"exactly one list-valued keyword .*found eps, steps"),
+        ('[[attack]]\nname = "pgd"\neps = []', r"non-empty list of numbers"),
+        ('[[attack]]\nname = "pgd"\neps = ["a"]', r"non-empty list of numbers"),
+        ('[[attack]]\nname = "pgd"\neps = [0.1, 0.1]', r"repeats a value"),
+        ('[[attack]]\neps = [0.1]', r"missing 'name'"),
+        ('[[attack]]\nname = "pgd"\neps = [0.1]\n[[attack]]\nname = "pgd"\neps = [0.2]', r"appears twice; give each an 'id'"),
+        ("description = 'x'", r"no attacks"),
+        ("attacks = 3", r"unknown top-level key\(s\) attacks"),
+        ("[[attack]\nname = 'pgd'", r"t.toml: malformed TOML: .*line 1"),
+    ],
+)
+def test_invalid_suites_are_one_clear_error(text, message):
+    with pytest.raises(UsageError, match=message) as info:
+        parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_suite_file_names_the_builtin_suites(tmp_path):
+    with pytest.raises(UsageError, match=r"suite file '.*missing.toml' not found; .* default, standard"):
+        load_suite(str(tmp_path / "missing.toml"))
