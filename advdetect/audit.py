@@ -23,7 +23,8 @@ from advdetect.inference import batched_logits, select_device
 from advdetect.metrics import detection_metrics
 from advdetect.progress import progress
 from advdetect.records import AttackRecord, ResultRow, RunInfo, derive_seed
-from advdetect.specs import DataSample, LoadedModel, load_data, load_model
+from advdetect.datasets import DataOptions, DataSample, load_data
+from advdetect.models import LoadedModel, ModelOptions, load_model
 from advdetect.storage import load_arrays, read_json, save_arrays, write_json
 from advdetect.suite import AttackCell, Suite, suite_from_document
 
@@ -40,9 +41,10 @@ PROTOCOL_SEEN = "seen"
 class AuditOptions:
     suite: Suite
     model: str = "default"
-    weights: str | None = None
+    model_options: ModelOptions = ModelOptions()
     data: str = "default"
     n: int | None = 256
+    image_size: int | None = None
     seed: int = 0
     device: str = "auto"
     batch_size: int = 128
@@ -93,8 +95,9 @@ def prepare(options: AuditOptions) -> tuple[LoadedModel, DataSample, torch.devic
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise UsageError(f"device {options.device!r} is not usable here ({exc}); use auto, cpu or cuda") from None
-    loaded = load_model(options.model, options.weights)
-    sample = load_data(options.data, options.n, options.seed)
+    loaded = load_model(options.model, options.model_options)
+    sample = load_data(options.data, DataOptions(n=options.n, seed=options.seed, image_size=options.image_size,
+                                                 channels=loaded.info["input_channels"]))
     loaded.module.to(device).eval()
     loaded.info["num_classes"] = check_compatible(loaded.module, sample, device)
     return loaded, sample, device
@@ -133,7 +136,7 @@ def record_timing(run_dir: Path, stage: str, seconds: float) -> RunInfo:
 
 def reload_model(info: RunInfo) -> nn.Module:
     """The audited model, for rerunning a stage alone."""
-    loaded = load_model(info.model["spec"], info.model.get("weights"))
+    loaded = load_model(info.model["spec"], ModelOptions.from_dict(info.model["options"]))
     if loaded.info["sha256"] != info.model["sha256"]:
         raise UsageError(f"the model behind {info.model['spec']!r} changed since this run; start a new audit")
     return loaded.module.to(select_device("auto")).eval()

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from advdetect.errors import UsageError
+from advdetect.models import Dataset, ThreatModel
 
 log = logging.getLogger("advdetect")
 
@@ -24,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advdetect", description="Adversarial-robustness audits: attack, detect, report.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
@@ -34,9 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and report.pdf into a new run folder.")
     audit.add_argument("suite", nargs="?", default="default",
                        help="a suite TOML file, or the name of a built-in suite (default: %(default)s)")
-    audit.add_argument("--model", default="default", help="model spec (default: the embedded MNIST CNN)")
-    audit.add_argument("--weights", help="state_dict file for the model spec")
-    audit.add_argument("--data", default="default", help="data spec (default: the embedded MNIST test split)")
+    audit.add_argument("--model", default="default",
+                       help="default, robustbench:NAME, file.py:Callable, package.module:Callable or a TorchScript "
+                            "file.pt (default: the embedded MNIST CNN)")
+    audit.add_argument("--weights", help="state_dict for a file.py:Callable or package.module:Callable model")
+    audit.add_argument("--dataset", choices=[d.value for d in Dataset], default="cifar10",
+                       help="robustbench:NAME's dataset (default: %(default)s)")
+    audit.add_argument("--threat-model", choices=[t.value for t in ThreatModel], default="Linf",
+                       help="robustbench:NAME's threat model (default: %(default)s)")
+    audit.add_argument("--model-dir", default="./models",
+                       help="robustbench checkpoints, as <dir>/<dataset>/<threat_model>/<NAME>.pt (default: %(default)s)")
+    audit.add_argument("--mean", type=_floats, help="comma-separated per-channel mean the model expects inputs normalized by")
+    audit.add_argument("--std", type=_floats, help="comma-separated per-channel std, with --mean")
+    audit.add_argument("--data", default="default",
+                       help="default, folder:DIR, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, svhn:ROOT or npz:FILE "
+                            "(default: the embedded MNIST test split)")
+    audit.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
     audit.add_argument("--n", type=_positive_int, default=256,
                        help="inputs to audit, a seeded class-stratified sample (default: %(default)s)")
     audit.add_argument("--attacks", help="comma-separated attack ids: run only these attacks of the suite")
@@ -74,13 +95,18 @@ def _new_run_dir(out: Path | None) -> Path:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from advdetect.audit import AuditOptions, attack_stage, detect_stage, prepare, start_run
+    from advdetect.models import ModelOptions
     from advdetect.report import write_report
     from advdetect.suite import load_suite
 
     suite = load_suite(args.suite)
     if args.attacks:
         suite = suite.select([a.strip() for a in args.attacks.split(",") if a.strip()])
-    options = AuditOptions(suite=suite, model=args.model, weights=args.weights, data=args.data, n=args.n,
+    model_options = ModelOptions(weights=args.weights, dataset=Dataset(args.dataset),
+                                 threat_model=ThreatModel(args.threat_model), model_dir=args.model_dir,
+                                 mean=args.mean, std=args.std)
+    options = AuditOptions(suite=suite, model=args.model, model_options=model_options, data=args.data, n=args.n,
+                           image_size=args.image_size,
                            seed=args.seed, device=args.device, batch_size=args.batch_size,
                            fit_fraction=args.fit_fraction,
                            detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from advdetect.cli import main
@@ -84,20 +85,27 @@ def test_stages_rerun_alone_reproduce_the_results(audited: Path, capsys: pytest.
         (["audit", "{suite}", "--n", "20"], "unknown attack 'fgsn'; valid attacks:"),
         (["audit", "{bad_toml}"], "malformed TOML"),
         (["audit", "--attacks", "nope"], "--attacks names nope, not in suite 'default'"),
-        (["audit", "--model", "nope"], "unknown model spec 'nope'"),
+        (["audit", "--model", "nope"], "model spec 'nope' not understood"),
         (["audit", "--n", "100000"], "--n 100000 asks for more inputs"),
         (["report", "{tmp}"], "is not an audit run folder"),
+        (["audit", "--data", "npz:{many_classes}", "--n", "12"], "labels up to 11 but the model outputs only 10 classes"),
+        (["audit", "--data", "npz:{wrong_shape}", "--n", "4"], "the model cannot take inputs of shape [1, 8, 8]"),
+        (["audit", "--model", "robustbench:Nope", "--model-dir", "{tmp}"], "robustbench has no model 'Nope'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "unknown.toml").write_text('[[attack]]\nname = "fgsn"\neps = [0.1]\n')
     (tmp_path / "bad.toml").write_text('[[attack]\nname = "fgsm"\n')
-    args = [a.format(suite="unknown.toml", bad_toml="bad.toml", tmp=tmp_path) for a in args]
+    np.savez(tmp_path / "many.npz", x=np.zeros((12, 28, 28, 1), np.uint8), y=np.arange(12))
+    np.savez(tmp_path / "shape.npz", x=np.zeros((4, 8, 8, 1), np.uint8), y=np.arange(4))
+    inputs = sorted(p.name for p in tmp_path.iterdir())
+    args = [a.format(suite="unknown.toml", bad_toml="bad.toml", tmp=tmp_path, many_classes="many.npz",
+                     wrong_shape="shape.npz") for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("advdetect: error: ") and message in err[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "unknown.toml"]  # no reports/ folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs  # no reports/ folder, no models/ folder
 
 
 def test_console_entry_point_exits_2_on_bad_input(tmp_path):

