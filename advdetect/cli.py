@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("run_dir", type=Path)
     detect.set_defaults(func=cmd_detect)
 
+    bench = commands.add_parser("bench", help="time the gradient features against the per-sample loop and vmap",
+                                description="Time, in one run, the per-sample loop, torch.func vmap, the batched "
+                                            "features and one batched forward+backward pass, as ratios.")
+    bench.add_argument("--models", default="default,resnet18", help="comma-separated: default, resnet18 (default: %(default)s)")
+    bench.add_argument("--batch", type=_positive_int, default=64, help="inputs per measurement (default: %(default)s)")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per method, median kept (default: %(default)s)")
+    bench.add_argument("--methods", default="loop,vmap,batched,forward_backward", help="comma-separated subset (default: all)")
+    bench.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--memory", action="store_true", help="also measure peak memory over 1000 inputs per chunk size")
+    bench.add_argument("--json", action="store_true", help="print JSON for machines")
+    bench.set_defaults(func=cmd_bench)
+
     report = commands.add_parser("report", help="rewrite results.json, report.html and report.pdf of a run folder")
     report.add_argument("run_dir", type=Path)
     report.set_defaults(func=cmd_report)
@@ -142,6 +154,22 @@ def cmd_detect(args: argparse.Namespace) -> int:
     detect_stage(args.run_dir, model, read_attack_records(args.run_dir))
     print_summary(write_report(args.run_dir))
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from advdetect.benchmark import METHODS, _models, main as bench_main
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name, valid in ((models, _models()), (methods, METHODS)):
+        unknown = [n for n in name if n not in valid]
+        if unknown:
+            raise UsageError(f"unknown {', '.join(unknown)}; valid: {', '.join(valid)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return bench_main(models, args.batch, args.repeats, methods, args.memory, args.json)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

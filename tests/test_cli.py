@@ -115,3 +115,16 @@ def test_console_entry_point_exits_2_on_bad_input(tmp_path):
     assert result.stderr.strip() == ("advdetect: error: suite file 'nope.toml' not found; "
                                      "give a TOML suite path or one of: default, standard")
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_reports_measured_ratios_as_json(capsys):
+    assert main(["bench", "--models", "default", "--repeats", "1", "--batch", "8", "--methods",
+                 "loop,batched,forward_backward", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    result = report["models"]["default"]
+    seconds, ratios = result["seconds"], result["ratio_to_forward_backward"]
+    assert set(seconds) == {"loop", "batched", "forward_backward"} and all(s > 0 for s in seconds.values())
+    assert ratios["batched"] == pytest.approx(seconds["batched"] / seconds["forward_backward"])
+    assert result["speedup_over_loop"]["batched"] == pytest.approx(seconds["loop"] / seconds["batched"])
+    assert result["max_relative_error_float32"]["batched"] < 1e-3
+    assert main(["bench", "--methods", "magic"]) == 2

@@ -53,3 +53,114 @@ def test_uses_eval_mode_and_restores_mode_and_frozen_parameters(tiny_model, tiny
     assert torch.allclose(features, confounding_gradient_features(tiny_model, tiny_inputs))
     # one input's features do not depend on the rest of its batch
     assert torch.allclose(features[:1], confounding_gradient_features(tiny_model, tiny_inputs[:1]))
+
+
+# --- the batched path against the per-sample loop ---------------------------------------------
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from advdetect import features as features_module  # noqa: E402
+from advdetect.features import per_sample_loop_features  # noqa: E402
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block: in-place ReLU and an in-place residual add on captured outputs."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.down(x)
+        return self.relu(out)
+
+
+class TiedWeights(nn.Module):
+    """One Linear called twice, and a weight used by a second layer and directly in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+        self.scale = nn.Parameter(torch.rand(6))  # used outside any supported layer
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(x.flatten(1)))
+        h = torch.tanh(self.shared(h)) * self.scale
+        return self.head(h) + F.linear(h, self.head.weight)
+
+
+class Tokens(nn.Module):
+    """Embedding, LayerNorm and Linear over a sequence (the ghost-norm path for Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 32, padding_idx=0)
+        self.norm = nn.LayerNorm(32)
+        self.proj = nn.Linear(32, 32)  # 32 * 32 weights > 9 * 9 token pairs * 64: the ghost norm is cheaper
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.proj(self.norm(self.embed(x)))).mean(1))
+
+
+def architectures():
+    torch.manual_seed(0)
+    return {
+        "mlp": (nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5)), (2, 2, 3)),
+        "resnet_block": (nn.Sequential(BasicBlock(3, 8, 2), BasicBlock(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                       nn.Linear(8, 10)), (3, 8, 8)),
+        "grouped_depthwise": (nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(),
+                                            nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"),
+                                            nn.GroupNorm(2, 8), nn.Conv2d(8, 16, 2, stride=2, dilation=1),
+                                            nn.Conv2d(16, 32, 3, padding="same", dilation=2),  # ghost norm: L small
+                                            nn.Flatten(), nn.Linear(32 * 16, 3)), (4, 8, 8)),
+        "conv1d": (nn.Sequential(nn.Conv1d(2, 4, 3, padding=2, dilation=2, padding_mode="circular"),
+                                 nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 4, 2, stride=2), nn.Flatten(),
+                                 nn.Linear(4 * 5, 3)), (2, 10)),
+        "tied_and_custom": (nn.Sequential(TiedWeights(), nn.PReLU(4)), (6,)),
+        "tokens": (Tokens(), None),
+    }
+
+
+@pytest.mark.parametrize("name", list(architectures()))
+def test_batched_features_match_the_per_sample_loop_in_float64(name, monkeypatch):
+    model, shape = architectures()[name]
+    model = model.double()
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    generator = torch.Generator().manual_seed(1)
+    if shape is None:
+        inputs = torch.randint(0, 11, (7, 9), generator=generator)
+        inputs[:, -2:] = 0  # padding tokens
+    else:
+        inputs = torch.rand(7, *shape, generator=generator, dtype=torch.float64)
+    expected = per_sample_loop_features(model, inputs)
+    monkeypatch.setattr(features_module, "per_sample_loop_features", None)  # the batched path must not use it
+    actual = confounding_gradient_features(model, inputs, batch_size=4)
+    assert actual.shape == expected.shape
+    relative = ((actual - expected).abs() / expected.abs().clamp_min(1e-300)).max()
+    assert relative <= 1e-4, f"max relative error {relative:.2e}"
+
+
+def test_batched_features_are_exact_to_1e3_in_float32(tiny_model, tiny_inputs):
+    expected = per_sample_loop_features(tiny_model, tiny_inputs)
+    actual = confounding_gradient_features(tiny_model, tiny_inputs)
+    assert ((actual - expected).abs() / expected).max() <= 1e-3
+
+
+def test_batchnorm_without_running_statistics_uses_the_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(), nn.Linear(8, 3))
+    inputs = torch.rand(3, 1, 4, 4)
+    torch.testing.assert_close(confounding_gradient_features(model, inputs), per_sample_loop_features(model, inputs))

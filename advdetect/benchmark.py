@@ -1,0 +1,182 @@
+"""``advdetect bench``: the cost of the confounding-gradient features against its references.
+
+For each model, in one run: the per-sample loop (one backward pass per input), ``torch.func``
+``vmap(grad)``, the batched closed forms of :func:`confounding_gradient_features`, and the
+floor they aim at, one batched forward and backward pass of the same loss. Reported as
+seconds and as ratios to that floor, with the largest relative deviation from the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from advdetect.features import (_eval_with_all_grads, confounding_gradient_features, confounding_loss,
+                                per_sample_loop_features)
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """The CIFAR-10 ResNet-18 (3x3 stem, no max-pool) of the robustness literature; 11.2M parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def vmap_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return confounding_loss(functional_call(model, (p, buffers), (x.unsqueeze(0),))).sum()
+
+    model.eval()
+    rows = []
+    for start in range(0, len(inputs), batch_size):
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, inputs[start : start + batch_size])
+        rows.append(torch.stack([per_sample[k].flatten(1).double().pow(2).sum(1) for k in params], dim=1))
+    return torch.cat(rows)
+
+
+def batched_backward(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> None:
+    """The floor: one forward and backward pass of the summed loss (all weight gradients, summed)."""
+    with _eval_with_all_grads(model) as params:
+        for start in range(0, len(inputs), batch_size):
+            torch.autograd.grad(confounding_loss(model(inputs[start : start + batch_size])).sum(), params)
+
+
+METHODS: dict[str, Callable[..., Any]] = {
+    "loop": per_sample_loop_features,
+    "vmap": vmap_features,
+    "batched": confounding_gradient_features,
+    "forward_backward": batched_backward,
+}
+
+
+def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    from advdetect.embedded import SmallCNN, TRAINING
+
+    return {"default": (lambda: SmallCNN(TRAINING["width"]), (1, 28, 28)), "resnet18": (CifarResNet18, (3, 32, 32))}
+
+
+def time_methods(model: nn.Module, inputs: torch.Tensor, methods: list[str], repeats: int) -> dict[str, float]:
+    """Median seconds of each method over ``repeats`` runs, after one warm-up run each."""
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    for method in methods:
+        METHODS[method](model, inputs)
+    for _ in range(repeats):  # interleaved, so drift in machine load hits every method alike
+        for method in methods:
+            start = time.perf_counter()
+            METHODS[method](model, inputs)
+            seconds[method].append(time.perf_counter() - start)
+    return {m: statistics.median(v) for m, v in seconds.items()}
+
+
+def run_benchmark(models: list[str], batch: int, repeats: int, methods: list[str]) -> dict[str, Any]:
+    report: dict[str, Any] = {"threads": torch.get_num_threads(), "batch": batch, "repeats": repeats,
+                              "torch": torch.__version__, "models": {}}
+    for name in models:
+        factory, shape = _models()[name]
+        torch.manual_seed(0)
+        model = factory().eval()
+        inputs = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0))
+        seconds = time_methods(model, inputs, methods, repeats)
+        floor = seconds.get("forward_backward")
+        # float32 rounding differs between methods; both are judged against the float64 loop
+        truth = per_sample_loop_features(copy.deepcopy(model).double(), inputs.double())
+
+        def deviation(values: torch.Tensor) -> float:
+            return float(((values - truth).abs() / truth.abs().clamp_min(1e-300)).max())
+
+        report["models"][name] = {
+            "parameter_tensors": len(list(model.parameters())),
+            "seconds": seconds,
+            "ratio_to_forward_backward": {m: s / floor for m, s in seconds.items()} if floor else {},
+            "speedup_over_loop": {m: seconds["loop"] / s for m, s in seconds.items()} if "loop" in seconds else {},
+            "max_relative_error_float32": {"batched": deviation(confounding_gradient_features(model, inputs)),
+                                           "loop": deviation(per_sample_loop_features(model, inputs))},
+        }
+    return report
+
+
+def peak_memory(n: int, chunk: int) -> dict[str, float]:
+    """Peak resident memory growth (MiB) of the features of ``n`` CIFAR-sized inputs in chunks of
+    ``chunk``, measured in a fresh process so the peak belongs to this run alone."""
+    code = (
+        "import json, resource, torch; from advdetect.benchmark import CifarResNet18; "
+        "from advdetect.features import confounding_gradient_features as f; torch.manual_seed(0); "
+        f"m = CifarResNet18().eval(); x = torch.rand({n}, 3, 32, 32); f(m, x[:2]); "
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"f(m, x, batch_size={chunk}); "
+        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {"inputs": n, "chunk": chunk, "peak_growth_mib": round(float(out.stdout.strip()), 1)}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"confounding-gradient features: batch {report['batch']}, {report['threads']} threads, "
+             f"median of {report['repeats']} (torch {report['torch']})"]
+    for name, r in report["models"].items():
+        errors = r["max_relative_error_float32"]
+        lines.append(f"\n{name} ({r['parameter_tensors']} parameter tensors); largest relative error in float32 against "
+                     f"the float64 loop: batched {errors['batched']:.1e}, loop {errors['loop']:.1e}")
+        lines.append(f"  {'method':<18}{'seconds':>9}{'x fwd+bwd':>11}{'speedup vs loop':>17}")
+        for method, seconds in r["seconds"].items():
+            ratio = r["ratio_to_forward_backward"].get(method)
+            speedup = r["speedup_over_loop"].get(method)
+            lines.append(f"  {method:<18}{seconds:>9.3f}{'' if ratio is None else f'{ratio:>10.2f}x'}"
+                         f"{'' if speedup is None else f'{speedup:>16.2f}x'}")
+    if report.get("memory"):
+        lines.append("\npeak memory growth of the features, CIFAR ResNet-18:")
+        for m in report["memory"]:
+            lines.append(f"  {m['inputs']} inputs in chunks of {m['chunk']:>4}: {m['peak_growth_mib']:8.1f} MiB")
+    return "\n".join(lines)
+
+
+def main(models: list[str], batch: int, repeats: int, methods: list[str], memory: bool, as_json: bool) -> int:
+    report = run_benchmark(models, batch, repeats, methods)
+    if memory:
+        report["memory"] = [peak_memory(1000, chunk) for chunk in (16, 64, 256)]
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 0
+
+
+__all__ = ["CifarResNet18", "main", "peak_memory", "run_benchmark", "vmap_features"]
