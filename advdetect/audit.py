@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from advdetect.attacks import get_attack
+from advdetect.cache import AttackCache, tensor_sha256
 from advdetect.detectors import get_detector
 from advdetect.errors import UsageError
 from advdetect.inference import batched_logits, select_device
@@ -50,6 +51,7 @@ class AuditOptions:
     batch_size: int = 128
     fit_fraction: float = 0.1
     detectors: tuple[str, ...] = DEFAULT_DETECTORS
+    cache_dir: Path | None = None  # None: no cache
 
 
 def package_versions() -> dict[str, str]:
@@ -112,6 +114,7 @@ def start_run(run_dir: Path, options: AuditOptions, loaded: LoadedModel, sample:
     info = RunInfo(
         suite={"name": options.suite.name, "source": options.suite.source, "document": options.suite.to_dict()}, model=loaded.info, data=sample.info, seed=options.seed, device=str(device),
         batch_size=options.batch_size, fit_fraction=options.fit_fraction, detectors=list(options.detectors),
+        cache_dir=None if options.cache_dir is None else str(options.cache_dir),
         clean_accuracy=float((pred == sample.y).double().mean()), versions=package_versions(),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         timings={"load": round(time.perf_counter() - started, 3)},
@@ -165,16 +168,23 @@ class _SeededRNG:
         self._fork.__exit__(*exc)
 
 
-def attack_cell(model: nn.Module, cell: AttackCell, x: torch.Tensor, y: torch.Tensor, *,
-                num_classes: int, seed: int, batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Attack ``x`` (inputs the model classifies correctly) at one strength; returns the
-    adversarial inputs on the CPU and the constructor parameters actually used."""
+def resolved_params(cell: AttackCell, *, num_classes: int, seed: int) -> dict:
+    """The cell's constructor parameters, with the class count and seed filled in where the attack takes them."""
     entry = get_attack(cell.attack_name)
     params = cell.constructor_params()
     if "n_classes" in entry.keywords and "n_classes" not in params:
         params["n_classes"] = num_classes
     if "seed" in entry.keywords and "seed" not in params:
         params["seed"] = seed
+    return params
+
+
+def attack_cell(model: nn.Module, cell: AttackCell, x: torch.Tensor, y: torch.Tensor, *,
+                num_classes: int, seed: int, batch_size: int) -> tuple[torch.Tensor, dict]:
+    """Attack ``x`` (inputs the model classifies correctly) at one strength; returns the
+    adversarial inputs on the CPU and the constructor parameters actually used."""
+    entry = get_attack(cell.attack_name)
+    params = resolved_params(cell, num_classes=num_classes, seed=seed)
     device = next(model.parameters()).device
     try:
         attack = entry.build(model, **params)
@@ -197,12 +207,24 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell]) -> li
     sample = load_arrays(run_dir / "sample.npz")
     correct = np.flatnonzero(sample["pred"] == sample["y"])
     x, y = torch.from_numpy(sample["x"][correct]), torch.from_numpy(sample["y"][correct])
-    started, records = time.perf_counter(), []
+    cache = AttackCache(Path(info.cache_dir)) if info.cache_dir else None
+    inputs_sha256 = tensor_sha256(x, y)
+    device = next(model.parameters()).device
+    started, records, hits = time.perf_counter(), [], 0
     for cell in progress(cells, desc="attack", unit="cell"):
         cell_started = time.perf_counter()
         seed = derive_seed(info.seed, "attack", cell.key)
-        adversarial, params = attack_cell(model, cell, x, y, num_classes=info.model["num_classes"],
-                                          seed=seed, batch_size=info.batch_size)
+        params = resolved_params(cell, num_classes=info.model["num_classes"], seed=seed)
+        key = (cache.key(model=info.model["sha256"], inputs=inputs_sha256, attack=cell.attack_name, params=params,
+                         seed=seed, batch_size=info.batch_size, device=device.type) if cache else "")
+        adversarial = cache.load(key, x) if cache else None
+        if adversarial is None:
+            adversarial, params = attack_cell(model, cell, x, y, num_classes=info.model["num_classes"],
+                                              seed=seed, batch_size=info.batch_size)
+            if cache:
+                cache.store(key, adversarial)
+        else:
+            hits += 1
         pred = batched_logits(model, adversarial, info.batch_size).argmax(dim=1)
         fooled = (pred != y).numpy()
         delta = (adversarial - x).flatten(1)[torch.from_numpy(fooled)]
@@ -224,6 +246,11 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell]) -> li
         write_json(run_dir / "adversarial" / f"{cell.slug}.json", record.to_dict())
         records.append(record)
     record_timing(run_dir, "attack", time.perf_counter() - started)
+    if cache:
+        info = read_run(run_dir)
+        info.attack_cache_hits = hits
+        write_json(run_dir / "run.json", info.to_dict())
+        log.info("%d of %d attack cells came from the cache in %s", hits, len(cells), cache.root)
     return records
 
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--fit-fraction", type=float, default=0.1,
                        help="share of fooled source inputs that fit the detector (default: %(default)s)")
     audit.add_argument("--out", type=Path, help="run folder to create (default: reports/<timestamp>)")
+    audit.add_argument("--cache-dir", type=Path,
+                       help="where adversarial inputs are cached between runs (default: <user cache>/advdetect/attacks)")
+    audit.add_argument("--no-cache", action="store_true", help="neither read nor write the attack cache")
     audit.set_defaults(func=cmd_audit)
 
     detect = commands.add_parser("detect", help="rerun detection and the report on an audit's run folder")
@@ -107,6 +110,7 @@ def _new_run_dir(out: Path | None) -> Path:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from advdetect.audit import AuditOptions, attack_stage, detect_stage, prepare, start_run
+    from advdetect.cache import default_cache_dir
     from advdetect.models import ModelOptions
     from advdetect.report import write_report
     from advdetect.suite import load_suite
@@ -121,7 +125,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                            image_size=args.image_size,
                            seed=args.seed, device=args.device, batch_size=args.batch_size,
                            fit_fraction=args.fit_fraction,
-                           detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()))
+                           detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()),
+                           cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()))
     run_dir = _new_run_dir(args.out)
     started = time.perf_counter()
     loaded, sample, device = prepare(options)

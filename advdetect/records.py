@@ -47,6 +47,8 @@ class RunInfo(Record):
     clean_accuracy: float
     versions: dict[str, str]
     started_at: str
+    cache_dir: str | None = None
+    attack_cache_hits: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 

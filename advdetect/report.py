@@ -19,7 +19,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from advdetect.audit import read_attack_records, read_run, record_timing  # noqa: E402
+from advdetect.audit import read_attack_records, read_run, record_timing, run_suite  # noqa: E402
 from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo  # noqa: E402
 from advdetect.storage import atomic_write, load_arrays, read_json, write_bytes, write_json  # noqa: E402
 from advdetect.suite import format_strength  # noqa: E402
@@ -171,7 +171,9 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
         ("suite", f"{info.suite['name']} ({info.suite['source']})"),
         ("seed / device", f"{info.seed} / {info.device}"),
         ("protocol", f"seen: {100 * info.fit_fraction:g}% of fooled source inputs fit the detector, the rest test it"),
-        ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())),
+        ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())
+         + ("" if info.attack_cache_hits is None else
+            f" ({info.attack_cache_hits} of {len(run_suite(info).cells())} attack cells from the cache)")),
         ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
         ("started", info.started_at),
     ]
