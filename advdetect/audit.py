@@ -18,10 +18,11 @@ from torch import nn
 
 from advdetect.attacks import get_attack
 from advdetect.cache import AttackCache, tensor_sha256
+from advdetect.history import json_sha256, write_manifest
 from advdetect.detectors import get_detector
 from advdetect.errors import UsageError
 from advdetect.inference import batched_logits, select_device
-from advdetect.metrics import detection_metrics
+from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.progress import progress
 from advdetect.records import AttackRecord, ResultRow, RunInfo, derive_seed
 from advdetect.datasets import DataOptions, DataSample, load_data
@@ -36,6 +37,25 @@ DEFAULT_DETECTORS = ("confounding_gradient", "msp")
 MIN_FIT_PAIRS = 5
 MIN_TEST_PAIRS = 10
 PROTOCOL_SEEN = "seen"
+
+
+@dataclass
+class Position:
+    """Where an audit is, so an interruption can say where it stopped."""
+
+    stage: str = "load"
+    cell: str | None = None
+    done: int = 0
+    total: int = 0
+
+    def describe(self) -> str:
+        where = f"the {self.stage} stage"
+        if self.cell:
+            where += f", cell {self.cell} ({self.done} of {self.total} cells done)"
+        return where
+
+
+POSITION = Position()
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,11 @@ def start_run(run_dir: Path, options: AuditOptions, loaded: LoadedModel, sample:
         timings={"load": round(time.perf_counter() - started, 3)},
     )
     write_json(run_dir / "run.json", info.to_dict())
+    write_manifest(run_dir, status="running", started_at=info.started_at, suite=options.suite.name,
+                   suite_sha256=json_sha256(options.suite.to_dict()), model_spec=loaded.info["spec"],
+                   model_sha256=loaded.info["sha256"], data_spec=sample.info["spec"],
+                   data_sha256=tensor_sha256(sample.x, sample.y), n=len(sample.y), seed=options.seed,
+                   device=str(device), versions=info.versions, clean_accuracy=info.clean_accuracy)
     return info
 
 
@@ -211,7 +236,8 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell]) -> li
     inputs_sha256 = tensor_sha256(x, y)
     device = next(model.parameters()).device
     started, records, hits = time.perf_counter(), [], 0
-    for cell in progress(cells, desc="attack", unit="cell"):
+    for done, cell in enumerate(progress(cells, desc="attack", unit="cell")):
+        POSITION.cell, POSITION.done, POSITION.total = cell.key, done, len(cells)
         cell_started = time.perf_counter()
         seed = derive_seed(info.seed, "attack", cell.key)
         params = resolved_params(cell, num_classes=info.model["num_classes"], seed=seed)
@@ -276,7 +302,8 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -
     clean_signatures = {name: det.signatures(model, clean_inputs, batch_size=info.batch_size)
                         for name, det in progress(detectors.items(), desc="clean signatures", unit="detector", leave=False)}
     rows: list[ResultRow] = []
-    for record in progress(records, desc="detect", unit="cell"):
+    for done, record in enumerate(progress(records, desc="detect", unit="cell")):
+        POSITION.cell, POSITION.done, POSITION.total = record.key, done, len(records)
         arrays = load_arrays(run_dir / "adversarial" / f"{record.slug}.npz")
         pairs = np.flatnonzero(arrays["fooled"])  # positions among the correctly classified inputs
         order = np.random.default_rng(derive_seed(info.seed, "split", record.key)).permutation(pairs)
@@ -304,6 +331,8 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -
             clean_scores, adversarial_scores = detector.score(clean[test]), detector.score(adversarial_signatures[test])
             for metric, value in detection_metrics(clean_scores, adversarial_scores).items():
                 setattr(row, metric, value)
+            row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(
+                clean_scores, adversarial_scores, seed=derive_seed(info.seed, "bootstrap", record.key, name))
             scores[f"{name}__clean"], scores[f"{name}__adversarial"] = clean_scores, adversarial_scores
             rows.append(row)
         save_arrays(run_dir / "scores" / f"{record.slug}.npz", **scores)

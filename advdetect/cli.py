@@ -32,6 +32,42 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to audit and how: shared by ``audit`` and ``check``."""
+    parser.add_argument("suite", nargs="?", default="default",
+                        help="a suite TOML file, or the name of a built-in suite (default: %(default)s)")
+    parser.add_argument("--model", default="default",
+                        help="default, robustbench:NAME, file.py:Callable, package.module:Callable or a TorchScript "
+                             "file.pt (default: the embedded MNIST CNN)")
+    parser.add_argument("--weights", help="state_dict for a file.py:Callable or package.module:Callable model")
+    parser.add_argument("--dataset", choices=[d.value for d in Dataset], default="cifar10",
+                        help="robustbench:NAME's dataset (default: %(default)s)")
+    parser.add_argument("--threat-model", choices=[t.value for t in ThreatModel], default="Linf",
+                        help="robustbench:NAME's threat model (default: %(default)s)")
+    parser.add_argument("--model-dir", default="./models",
+                        help="robustbench checkpoints, as <dir>/<dataset>/<threat_model>/<NAME>.pt (default: %(default)s)")
+    parser.add_argument("--mean", type=_floats, help="comma-separated per-channel mean the model expects inputs normalized by")
+    parser.add_argument("--std", type=_floats, help="comma-separated per-channel std, with --mean")
+    parser.add_argument("--data", default="default",
+                        help="default, folder:DIR, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, svhn:ROOT or npz:FILE "
+                             "(default: the embedded MNIST test split)")
+    parser.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
+    parser.add_argument("--n", type=_positive_int, default=256,
+                        help="inputs to audit, a seeded class-stratified sample (default: %(default)s)")
+    parser.add_argument("--attacks", help="comma-separated attack ids: run only these attacks of the suite")
+    parser.add_argument("--detectors", default="confounding_gradient,msp",
+                        help="comma-separated detector names (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling, attacks and splits (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=128, help="batch size for attacks and features")
+    parser.add_argument("--fit-fraction", type=float, default=0.1,
+                        help="share of fooled source inputs that fit the detector (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="run folder to create (default: reports/<timestamp>)")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="where adversarial inputs are cached between runs (default: <user cache>/advdetect/attacks)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the attack cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advdetect", description="Adversarial-robustness audits: attack, detect, report.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
@@ -40,39 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="attack, detect and report in one run",
                                 description="Run an audit suite against a model and data; write results.json, report.html "
                                             "and report.pdf into a new run folder.")
-    audit.add_argument("suite", nargs="?", default="default",
-                       help="a suite TOML file, or the name of a built-in suite (default: %(default)s)")
-    audit.add_argument("--model", default="default",
-                       help="default, robustbench:NAME, file.py:Callable, package.module:Callable or a TorchScript "
-                            "file.pt (default: the embedded MNIST CNN)")
-    audit.add_argument("--weights", help="state_dict for a file.py:Callable or package.module:Callable model")
-    audit.add_argument("--dataset", choices=[d.value for d in Dataset], default="cifar10",
-                       help="robustbench:NAME's dataset (default: %(default)s)")
-    audit.add_argument("--threat-model", choices=[t.value for t in ThreatModel], default="Linf",
-                       help="robustbench:NAME's threat model (default: %(default)s)")
-    audit.add_argument("--model-dir", default="./models",
-                       help="robustbench checkpoints, as <dir>/<dataset>/<threat_model>/<NAME>.pt (default: %(default)s)")
-    audit.add_argument("--mean", type=_floats, help="comma-separated per-channel mean the model expects inputs normalized by")
-    audit.add_argument("--std", type=_floats, help="comma-separated per-channel std, with --mean")
-    audit.add_argument("--data", default="default",
-                       help="default, folder:DIR, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, svhn:ROOT or npz:FILE "
-                            "(default: the embedded MNIST test split)")
-    audit.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
-    audit.add_argument("--n", type=_positive_int, default=256,
-                       help="inputs to audit, a seeded class-stratified sample (default: %(default)s)")
-    audit.add_argument("--attacks", help="comma-separated attack ids: run only these attacks of the suite")
-    audit.add_argument("--detectors", default="confounding_gradient,msp",
-                       help="comma-separated detector names (default: %(default)s)")
-    audit.add_argument("--seed", type=int, default=0, help="seed for sampling, attacks and splits (default: %(default)s)")
-    audit.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
-    audit.add_argument("--batch-size", type=_positive_int, default=128, help="batch size for attacks and features")
-    audit.add_argument("--fit-fraction", type=float, default=0.1,
-                       help="share of fooled source inputs that fit the detector (default: %(default)s)")
-    audit.add_argument("--out", type=Path, help="run folder to create (default: reports/<timestamp>)")
-    audit.add_argument("--cache-dir", type=Path,
-                       help="where adversarial inputs are cached between runs (default: <user cache>/advdetect/attacks)")
-    audit.add_argument("--no-cache", action="store_true", help="neither read nor write the attack cache")
+    add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
+
+    check = commands.add_parser("check", help="run an audit and check the suite's thresholds, pytest-style",
+                                description="Run the audit (reusing cached attack work) and check the suite's "
+                                            "[thresholds]: exit 0 when every check passes, 1 when any fails, 2 on "
+                                            "a usage or input error.")
+    add_audit_arguments(check)
+    check.add_argument("--junitxml", type=Path, help="also write the checks as JUnit XML, for CI systems")
+    check.set_defaults(func=cmd_check)
+
+    history = commands.add_parser("history", help="list the audit runs under an output root")
+    history.add_argument("root", type=Path, nargs="?", default=Path("reports"), help="output root (default: %(default)s)")
+    history.set_defaults(func=cmd_history)
+
+    compare = commands.add_parser("compare", help="the differences between two runs, regressions flagged",
+                                  description="Compare two runs' results cell by cell; exit 1 when RUN_B regresses "
+                                              "on RUN_A beyond the 95% intervals.")
+    compare.add_argument("run_a", type=Path)
+    compare.add_argument("run_b", type=Path)
+    compare.set_defaults(func=cmd_compare)
 
     detect = commands.add_parser("detect", help="rerun detection and the report on an audit's run folder")
     detect.add_argument("run_dir", type=Path)
@@ -108,11 +132,10 @@ def _new_run_dir(out: Path | None) -> Path:
     return candidate
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from advdetect.audit import AuditOptions, attack_stage, detect_stage, prepare, start_run
+def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from advdetect.audit import AuditOptions
     from advdetect.cache import default_cache_dir
     from advdetect.models import ModelOptions
-    from advdetect.report import write_report
     from advdetect.suite import load_suite
 
     suite = load_suite(args.suite)
@@ -121,34 +144,121 @@ def cmd_audit(args: argparse.Namespace) -> int:
     model_options = ModelOptions(weights=args.weights, dataset=Dataset(args.dataset),
                                  threat_model=ThreatModel(args.threat_model), model_dir=args.model_dir,
                                  mean=args.mean, std=args.std)
-    options = AuditOptions(suite=suite, model=args.model, model_options=model_options, data=args.data, n=args.n,
-                           image_size=args.image_size,
-                           seed=args.seed, device=args.device, batch_size=args.batch_size,
-                           fit_fraction=args.fit_fraction,
-                           detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()),
-                           cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()))
-    run_dir = _new_run_dir(args.out)
-    started = time.perf_counter()
+    return AuditOptions(suite=suite, model=args.model, model_options=model_options, data=args.data, n=args.n,
+                        image_size=args.image_size, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                        fit_fraction=args.fit_fraction,
+                        detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()),
+                        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()))
+
+
+def run_audit(options, out: Path | None) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
+    """Every stage of an audit into a new run folder; raises KeyboardInterrupt after saying where it stopped."""
+    from advdetect.audit import POSITION, attack_stage, detect_stage, prepare, start_run
+    from advdetect.history import now, write_manifest
+    from advdetect.report import write_report
+
+    run_dir = _new_run_dir(out)
     loaded, sample, device = prepare(options)
-    cells = suite.cells()
+    cells = options.suite.cells()
     log.info("auditing %s on %s (%d inputs) with suite %s: %d attack cells, device %s",
-             options.model, options.data, len(sample.y), suite.name, len(cells), device)
-    stage = "load"
+             options.model, options.data, len(sample.y), options.suite.name, len(cells), device)
+    POSITION.stage, POSITION.cell = "load", None
     try:
         info = start_run(run_dir, options, loaded, sample, device)
         log.info("clean accuracy %.3f; run folder %s", info.clean_accuracy, run_dir)
-        stage = "attack"
+        POSITION.stage = "attack"
         records = attack_stage(run_dir, loaded.module, cells)
-        stage = "detect"
+        POSITION.stage, POSITION.cell = "detect", None
         detect_stage(run_dir, loaded.module, records)
-        stage = "report"
+        POSITION.stage, POSITION.cell = "report", None
         document = write_report(run_dir)
-    except KeyboardInterrupt:
-        log.error("interrupted during the %s stage; finished files are in %s", stage, run_dir)
-        return 130
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if (run_dir / "run.json").is_file():
+            write_manifest(run_dir, status="interrupted" if interrupted else "failed", ended_at=now(),
+                           stopped_in=POSITION.describe())
+        if interrupted:
+            log.error("interrupted during %s; finished attack cells are cached, so the same command resumes "
+                      "from them; partial outputs are in %s", POSITION.describe(), run_dir)
+        raise
+    write_manifest(run_dir, status="complete", ended_at=now(), timings=document["timings"])
+    return run_dir, document
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    run_dir, document = run_audit(audit_options(args), args.out)
     print_summary(document)
     print(f"\nwrote {run_dir}/report.html, report.pdf and results.json in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from advdetect.checks import FAILED, closing_line, evaluate, junit_xml, plan_checks
+    from advdetect.history import write_manifest
+    from advdetect.storage import write_bytes
+
+    started = time.perf_counter()
+    options = audit_options(args)
+    checks = plan_checks(options.suite)
+    if not checks:
+        raise UsageError(f"suite {options.suite.name!r} has no thresholds to check; add a [thresholds] table "
+                         f"with min_auroc and/or max_attack_success_rate")
+    missing = sorted({c.detector for c in checks if c.detector and c.detector not in options.detectors})
+    if missing:
+        raise UsageError(f"the thresholds check detector(s) {', '.join(missing)}, which --detectors does not run")
+    run_dir, document = run_audit(options, args.out)
+    outcomes = [evaluate(check, document) for check in checks]
+    seconds = time.perf_counter() - started
+    for outcome in outcomes:
+        print(outcome.line)
+    print(closing_line(outcomes, seconds))
+    failed = sum(o.status == FAILED for o in outcomes)
+    write_manifest(run_dir, verdict={"passed": sum(o.status == "PASSED" for o in outcomes), "failed": failed,
+                                     "skipped": sum(o.status == "SKIPPED" for o in outcomes)})
+    if args.junitxml:
+        write_bytes(args.junitxml, junit_xml(options.suite.name, outcomes, seconds))
+    return 1 if failed else 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from advdetect.history import list_runs
+
+    if not args.root.is_dir():
+        raise UsageError(f"output root {args.root} not found")
+    runs = list_runs(args.root)
+    if not runs:
+        print(f"no audit runs under {args.root}")
+        return 0
+    header = ["run", "started", "status", "suite", "model", "data", "n", "clean acc", "verdict"]
+    table = []
+    for run in runs:
+        m = run.manifest
+        verdict = m.get("verdict")
+        table.append([run.path.name, m.get("started_at", "?"), m.get("status", "?"), m.get("suite", "?"),
+                      m.get("model_spec", "?"), m.get("data_spec", "?"), str(m.get("n", "?")),
+                      f"{m['clean_accuracy']:.3f}" if "clean_accuracy" in m else "?",
+                      f"{verdict['passed']} passed, {verdict['failed']} failed" if verdict else "-"])
+    _print_table(header, table)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from advdetect.history import compare
+    from advdetect.storage import read_json
+
+    documents = []
+    for run in (args.run_a, args.run_b):
+        if not (run / "results.json").is_file():
+            raise UsageError(f"{run} has no results.json; give two finished audit run folders")
+        documents.append(read_json(run / "results.json"))
+    differences = compare(*documents)
+    table = [[d.cell, d.detector or "-", d.metric, f"{d.before:.3f}", f"{d.after:.3f}", f"{d.delta:+.3f}",
+              "REGRESSION" if d.regression else ""] for d in differences]
+    _print_table(["cell", "detector", "metric", "A", "B", "B - A", ""], table)
+    regressions = sum(d.regression for d in differences)
+    print(f"\n{len(differences)} metrics compared, {regressions} regression(s) of {args.run_b} against {args.run_a}")
+    return 1 if regressions else 0
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -195,10 +305,14 @@ def print_summary(document: dict) -> None:
         lines.append([attack["attack"], f"{attack['strength_name']}={attack['strength']:g}",
                       "n/a" if success is None else f"{100 * success:.1f}%",
                       *["-" if aurocs.get(d) is None else f"{aurocs[d]:.3f}" for d in detectors]])
-    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     print(f"clean accuracy {document['clean_accuracy']:.3f} on {document['data']['n']} inputs of {document['data']['spec']}")
-    for row in [header, *lines]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    _print_table(header, lines)
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:

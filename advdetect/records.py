@@ -84,6 +84,8 @@ class ResultRow(Record):
     n_fit: int
     attack_success_rate: float | None
     auroc: float | None = None
+    auroc_ci_low: float | None = None
+    auroc_ci_high: float | None = None
     aupr_in: float | None = None
     aupr_out: float | None = None
     fpr_at_95tpr: float | None = None

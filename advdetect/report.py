@@ -20,6 +20,7 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from advdetect.audit import read_attack_records, read_run, record_timing, run_suite  # noqa: E402
+from advdetect.history import MANIFEST, trend  # noqa: E402
 from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo  # noqa: E402
 from advdetect.storage import atomic_write, load_arrays, read_json, write_bytes, write_json  # noqa: E402
 from advdetect.suite import format_strength  # noqa: E402
@@ -179,7 +180,30 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
     ]
 
 
-def write_pdf(path: Path, info: RunInfo, cells: list[Cell]) -> None:
+def draw_trend_page(pdf: PdfPages, trend: dict[str, Any]) -> None:
+    fig = plt.figure(figsize=(11.7, 8.3))
+    fig.text(0.04, 0.95, f"Trend over {len(trend['runs'])} earlier run(s) in this output root", fontsize=14, weight="bold")
+    fig.text(0.04, 0.915, f"{trend['regressions']} regression(s) against the last run: an AUROC whose 95% bootstrap "
+                          f"interval lies below the earlier value, or a success rate whose 95% interval lies above it"
+                          + (f" (success rate: {', '.join(trend['asr_regressions'])})" if trend["asr_regressions"] else ""),
+             fontsize=8)
+    ax = fig.add_axes([0.04, 0.03, 0.92, 0.85])
+    ax.axis("off")
+    table = [[r["cell"], r["detector"], " ".join("-" if v is None else f"{v:.3f}" for v in r["history"]),
+              "-" if r["current"] is None else f"{r['current']:.3f}", "REGRESSION" if r["regression"] else ""]
+             for r in trend["rows"]]
+    tbl = ax.table(cellText=table, colLabels=["cell", "detector", "earlier AUROC (oldest first)", "AUROC now", ""],
+                   loc="upper center", cellLoc="center")
+    tbl.auto_set_font_size(False)
+    tbl.set_fontsize(7)
+    for (i, j), cell in tbl.get_celld().items():
+        if i > 0 and table[i - 1][4]:
+            cell.set_facecolor("#f8d7da")
+    pdf.savefig(fig)
+    plt.close(fig)
+
+
+def write_pdf(path: Path, info: RunInfo, cells: list[Cell], trend: dict[str, Any] | None = None) -> None:
     def render(handle: Any) -> None:
         with PdfPages(handle) as pdf:
             fig = plt.figure(figsize=(11.7, 8.3))
@@ -198,6 +222,8 @@ def write_pdf(path: Path, info: RunInfo, cells: list[Cell]) -> None:
             tbl.scale(1, 1.15)
             pdf.savefig(fig)
             plt.close(fig)
+            if trend:
+                draw_trend_page(pdf, trend)
             for attack, attack_cells in _by_attack(cells).items():
                 columns = len(attack_cells) + 1
                 ncols = min(columns, 4)
@@ -216,7 +242,7 @@ def write_pdf(path: Path, info: RunInfo, cells: list[Cell]) -> None:
     atomic_write(path, render)
 
 
-def write_html(path: Path, info: RunInfo, cells: list[Cell]) -> None:
+def write_html(path: Path, info: RunInfo, cells: list[Cell], trend: dict[str, Any] | None = None) -> None:
     sections = []
     for attack, attack_cells in _by_attack(cells).items():
         figures = []
@@ -233,6 +259,7 @@ def write_html(path: Path, info: RunInfo, cells: list[Cell]) -> None:
     env = Environment(loader=PackageLoader("advdetect", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         header_items=header_items(info), header=header, table=table, sections=sections, detectors=info.detectors,
+        trend=trend,
     )
     write_bytes(path, html.encode())
 
@@ -241,9 +268,11 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     """Write ``report.pdf``, ``report.html`` and ``results.json``; returns the results document."""
     started = time.perf_counter()
     info, cells = load_cells(run_dir)
-    write_pdf(run_dir / "report.pdf", info, cells)
-    write_html(run_dir / "report.html", info, cells)
-    info = record_timing(run_dir, "report", time.perf_counter() - started)
     document = results_document(info, cells)
+    run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
+    write_pdf(run_dir / "report.pdf", info, cells, run_trend)
+    write_html(run_dir / "report.html", info, cells, run_trend)
+    info = record_timing(run_dir, "report", time.perf_counter() - started)
+    document["timings"] = info.timings
     write_json(run_dir / "results.json", document)
     return document

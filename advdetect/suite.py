@@ -9,6 +9,15 @@ steps = 10
 ```
 
 An optional ``id`` names an attack in results when one suite runs the same attack twice.
+
+Thresholds turn an audit into a test (``advdetect check``)::
+
+    [thresholds]
+    detector = "confounding_gradient"   # whose AUROC is checked (default)
+    min_auroc = 0.9                     # every attack x strength cell
+    max_attack_success_rate = 0.5       # the model's robustness floor, every cell
+
+and an ``[attack.thresholds]`` table after an ``[[attack]]`` overrides them for that attack.
 """
 
 from __future__ import annotations
@@ -29,7 +38,47 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Scalar = int | float | str | bool
-TOP_LEVEL_KEYS = ("description", "attack")
+TOP_LEVEL_KEYS = ("description", "thresholds", "attack")
+DEFAULT_THRESHOLD_DETECTOR = "confounding_gradient"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    detector: str | None = None
+    min_auroc: float | None = None
+    max_attack_success_rate: float | None = None
+
+    def override(self, other: "Thresholds") -> "Thresholds":
+        return Thresholds(*(o if o is not None else s for s, o in zip(
+            (self.detector, self.min_auroc, self.max_attack_success_rate),
+            (other.detector, other.min_auroc, other.max_attack_success_rate))))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("detector", self.detector), ("min_auroc", self.min_auroc),
+                                  ("max_attack_success_rate", self.max_attack_success_rate)) if v is not None}
+
+    @property
+    def empty(self) -> bool:
+        return self.min_auroc is None and self.max_attack_success_rate is None
+
+
+def _parse_thresholds(table: object, where: str) -> Thresholds:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: 'thresholds' must be a table")
+    valid = ("detector", "min_auroc", "max_attack_success_rate")
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise UsageError(f"{where}: unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    detector = table.get("detector")
+    if detector is not None and not isinstance(detector, str):
+        raise UsageError(f"{where}: thresholds.detector must be a detector name")
+    values = {}
+    for key in ("min_auroc", "max_attack_success_rate"):
+        value = table.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise UsageError(f"{where}: thresholds.{key} must be a number in [0, 1]; got {value!r}")
+        values[key] = None if value is None else float(value)
+    return Thresholds(detector, **values)
 
 
 def format_strength(value: float) -> str:
@@ -66,12 +115,15 @@ class AttackSpec:
     strength_name: str
     strengths: tuple[float, ...]
     params: dict[str, Scalar] = field(hash=False)
+    thresholds: Thresholds = Thresholds()
 
     def cells(self) -> list[AttackCell]:
         return [AttackCell(self.attack, self.attack_name, self.strength_name, s, dict(self.params)) for s in self.strengths]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.attack, "name": self.attack_name, self.strength_name: list(self.strengths), **self.params}
+        doc = {"id": self.attack, "name": self.attack_name, self.strength_name: list(self.strengths), **self.params}
+        return {**doc, "thresholds": self.thresholds.to_dict()} if not self.thresholds.empty or self.thresholds.detector \
+            else doc
 
 
 @dataclass(frozen=True)
@@ -80,6 +132,14 @@ class Suite:
     source: str
     description: str
     attacks: tuple[AttackSpec, ...]
+    thresholds: Thresholds = Thresholds()
+
+    def thresholds_for(self, attack: str) -> Thresholds:
+        """Effective thresholds of one attack: the suite's, overridden by the attack's own."""
+        spec = next(s for s in self.attacks if s.attack == attack)
+        merged = self.thresholds.override(spec.thresholds)
+        return merged if merged.detector else Thresholds(DEFAULT_THRESHOLD_DETECTOR, merged.min_auroc,
+                                                          merged.max_attack_success_rate)
 
     def cells(self) -> list[AttackCell]:
         return [cell for spec in self.attacks for cell in spec.cells()]
@@ -93,11 +153,15 @@ class Suite:
                 f"--attacks names {', '.join(unknown)}, not in suite {self.name!r}; its attacks: {', '.join(known)}"
             )
         wanted = {a.lower() for a in attack_ids}
-        return Suite(self.name, self.source, self.description, tuple(s for s in self.attacks if s.attack in wanted))
+        return Suite(self.name, self.source, self.description, tuple(s for s in self.attacks if s.attack in wanted),
+                     self.thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         """The suite as a TOML-shaped document; :func:`suite_from_document` reads it back."""
-        return {"description": self.description, "attack": [spec.to_dict() for spec in self.attacks]}
+        doc: dict[str, Any] = {"description": self.description, "attack": [spec.to_dict() for spec in self.attacks]}
+        if self.thresholds != Thresholds():
+            doc["thresholds"] = self.thresholds.to_dict()
+        return doc
 
 
 def builtin_suites() -> list[str]:
@@ -147,7 +211,8 @@ def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
     duplicates = sorted({a for a in ids if ids.count(a) > 1})
     if duplicates:
         raise UsageError(f"{source}: attack {', '.join(duplicates)} appears twice; give each an 'id' = \"...\" of its own")
-    return Suite(name=name, source=source, description=description, attacks=tuple(specs))
+    thresholds = _parse_thresholds(doc.get("thresholds", {}), f"{source}: [thresholds]")
+    return Suite(name=name, source=source, description=description, attacks=tuple(specs), thresholds=thresholds)
 
 
 def _parse_attack(table: dict[str, Any], where: str) -> AttackSpec:
@@ -160,6 +225,7 @@ def _parse_attack(table: dict[str, Any], where: str) -> AttackSpec:
         raise UsageError(f"{where}: 'id' must be letters, digits, '.', '_' or '-'")
     entry = get_attack(name)
     where = f"{where} ({name})"
+    thresholds = _parse_thresholds(table.pop("thresholds", {}), f"{where} thresholds")
     valid = entry.keywords
     unknown = [k for k in table if k not in valid]
     if unknown:
@@ -178,4 +244,4 @@ def _parse_attack(table: dict[str, Any], where: str) -> AttackSpec:
         if not isinstance(value, (int, float, str, bool)):
             raise UsageError(f"{where}: keyword {key!r} must be a number, string or boolean")
     return AttackSpec(attack=attack_id.lower(), attack_name=entry.name, strength_name=axis,
-                      strengths=tuple(strengths), params=table)
+                      strengths=tuple(strengths), params=table, thresholds=thresholds)

@@ -44,3 +44,19 @@ def test_streaming_metrics_equal_the_batch_computation():
     metric.reset()
     with pytest.raises(ValueError, match="at least one clean and one adversarial"):
         metric.compute()
+
+
+def test_bootstrap_interval_brackets_the_auroc_and_shrinks_with_more_data():
+    from advdetect.metrics import bootstrap_auroc_ci
+
+    rng = np.random.default_rng(0)
+    small = rng.normal(0, 1, 30), rng.normal(1, 1, 30)
+    large = rng.normal(0, 1, 600), rng.normal(1, 1, 600)
+    for clean, adversarial in (small, large):
+        low, high = bootstrap_auroc_ci(clean, adversarial, seed=1)
+        assert low < detection_metrics(clean, adversarial)["auroc"] < high
+    assert np.diff(bootstrap_auroc_ci(*large, seed=1)) < np.diff(bootstrap_auroc_ci(*small, seed=1)) / 2
+    assert bootstrap_auroc_ci(*small, seed=1) == bootstrap_auroc_ci(*small, seed=1)  # seeded
+    # the true AUROC of N(0,1) against N(1,1) is Phi(1 / sqrt 2) = 0.760; a 95% interval on 600 pairs covers it
+    low, high = bootstrap_auroc_ci(*large, seed=1)
+    assert low < 0.760 < high

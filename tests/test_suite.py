@@ -1,7 +1,7 @@
 import pytest
 
 from advdetect.errors import UsageError
-from advdetect.suite import builtin_suites, load_suite, parse_suite, suite_from_document
+from advdetect.suite import Thresholds, builtin_suites, load_suite, parse_suite, suite_from_document
 
 PGD = """
 [[attack]]
@@ -74,3 +74,39 @@ def test_invalid_suites_are_one_clear_error(text, message):
 def test_missing_suite_file_names_the_builtin_suites(tmp_path):
     with pytest.raises(UsageError, match=r"suite file '.*missing.toml' not found; .* default, standard"):
         load_suite(str(tmp_path / "missing.toml"))
+
+
+THRESHOLDS = """
+[thresholds]
+min_auroc = 0.9
+max_attack_success_rate = 0.5
+
+[[attack]]
+name = "fgsm"
+eps = [0.1]
+
+[[attack]]
+name = "pgd"
+eps = [0.1]
+[attack.thresholds]
+min_auroc = 0.8
+detector = "msp"
+"""
+
+
+def test_thresholds_apply_suite_wide_with_per_attack_overrides():
+    suite = parse(THRESHOLDS)
+    assert suite.thresholds_for("fgsm") == Thresholds("confounding_gradient", 0.9, 0.5)
+    assert suite.thresholds_for("pgd") == Thresholds("msp", 0.8, 0.5)
+    assert suite_from_document(suite.to_dict(), "t", "t.toml") == suite
+    assert parse(PGD).thresholds.empty
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[thresholds]\nmin_aurocc = 0.9\n" + PGD, r"unknown threshold\(s\) min_aurocc; valid: detector, min_auroc"),
+    ("[thresholds]\nmin_auroc = 1.5\n" + PGD, r"thresholds.min_auroc must be a number in \[0, 1\]; got 1.5"),
+    (PGD + "[attack.thresholds]\nmax_attack_success_rate = 'x'\n", r"attack #1 \(PGD\) thresholds: .*max_attack_success_rate"),
+])
+def test_invalid_thresholds(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse(text)

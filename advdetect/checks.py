@@ -1,0 +1,99 @@
+"""Audits as tests: the suite's thresholds, checked against an audit's results.
+
+One check per attack x strength cell and thresholded metric, named like a pytest node:
+``SUITE::attack[strength]::metric``. A cell whose metric could not be measured (too few
+adversarial examples to fit or score a detector) is skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from xml.etree import ElementTree
+
+from advdetect.suite import Suite
+
+PASSED, FAILED, SKIPPED = "PASSED", "FAILED", "SKIPPED"
+PROTOCOL = "seen"
+
+
+@dataclass(frozen=True)
+class Check:
+    suite: str
+    attack: str
+    cell_key: str
+    strength: float
+    metric: str  # "auroc" (of ``detector``) or "attack_success_rate"
+    threshold: float
+    detector: str | None = None
+
+    @property
+    def nodeid(self) -> str:
+        return f"{self.suite}::{self.cell_key}::{self.metric}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    check: Check
+    status: str
+    value: float | None
+    message: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.check.nodeid} {self.status} ({self.message})"
+
+
+def plan_checks(suite: Suite) -> list[Check]:
+    checks = []
+    for spec in suite.attacks:
+        limits = suite.thresholds_for(spec.attack)
+        for cell in spec.cells():
+            if limits.max_attack_success_rate is not None:
+                checks.append(Check(suite.name, cell.attack, cell.key, cell.strength, "attack_success_rate",
+                                    limits.max_attack_success_rate))
+            if limits.min_auroc is not None:
+                checks.append(Check(suite.name, cell.attack, cell.key, cell.strength, "auroc", limits.min_auroc,
+                                    limits.detector))
+    return checks
+
+
+def evaluate(check: Check, results: dict[str, Any]) -> Outcome:
+    if check.metric == "attack_success_rate":
+        record = next(a for a in results["attacks"] if a["attack"] == check.attack and a["strength"] == check.strength)
+        value = record["attack_success_rate"]
+        if value is None:
+            return Outcome(check, SKIPPED, None, "no correctly classified input to attack")
+        ok = value <= check.threshold
+        return Outcome(check, PASSED if ok else FAILED, value, f"{value:.3f} {'<=' if ok else '>'} {check.threshold:g}")
+    row = next((r for r in results["results"] if r["attack"] == check.attack and r["strength"] == check.strength
+                and r["detector"] == check.detector and r["protocol"] == PROTOCOL), None)
+    if row is None:
+        return Outcome(check, SKIPPED, None, f"detector {check.detector} did not run")
+    if row["auroc"] is None:
+        return Outcome(check, SKIPPED, None, row["reason"])
+    value = row["auroc"]
+    ok = value >= check.threshold
+    return Outcome(check, PASSED if ok else FAILED, value,
+                   f"{check.detector} {value:.3f} {'>=' if ok else '<'} {check.threshold:g}")
+
+
+def closing_line(outcomes: list[Outcome], seconds: float) -> str:
+    counts = {status: sum(o.status == status for o in outcomes) for status in (PASSED, FAILED, SKIPPED)}
+    skipped = f", {counts[SKIPPED]} skipped" if counts[SKIPPED] else ""
+    return f"{counts[PASSED]} passed, {counts[FAILED]} failed{skipped} in {seconds:.1f}s"
+
+
+def junit_xml(suite: str, outcomes: list[Outcome], seconds: float) -> bytes:
+    root = ElementTree.Element("testsuites")
+    testsuite = ElementTree.SubElement(root, "testsuite", name=suite, tests=str(len(outcomes)), time=f"{seconds:.3f}",
+                                       failures=str(sum(o.status == FAILED for o in outcomes)),
+                                       skipped=str(sum(o.status == SKIPPED for o in outcomes)), errors="0")
+    for outcome in outcomes:
+        case = ElementTree.SubElement(testsuite, "testcase", classname=f"{suite}.{outcome.check.attack}",
+                                      name=f"{outcome.check.cell_key}::{outcome.check.metric}", time="0")
+        if outcome.status == FAILED:
+            ElementTree.SubElement(case, "failure", message=outcome.message).text = outcome.line
+        elif outcome.status == SKIPPED:
+            ElementTree.SubElement(case, "skipped", message=outcome.message)
+    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)

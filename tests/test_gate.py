@@ -1,0 +1,107 @@
+"""Audits as tests: check's verdicts and JUnit output, run history, trends and regressions."""
+
+import json
+import re
+from xml.etree import ElementTree
+
+import pytest
+
+from advdetect.cli import main
+from advdetect.storage import read_json, write_json
+
+SUITE = """
+[thresholds]
+min_auroc = {min_auroc}
+max_attack_success_rate = {max_asr}
+
+[[attack]]
+name = "fgsm"
+eps = [0.3]
+
+[[attack]]
+name = "pgd"
+eps = [0.02, 0.3]
+alpha = 0.1
+steps = 2
+[attack.thresholds]
+detector = "msp"
+"""
+
+
+@pytest.fixture
+def suite_file(tmp_path):
+    def write(min_auroc=0.5, max_asr=1.0):
+        path = tmp_path / f"gate-{min_auroc}-{max_asr}.toml"
+        path.write_text(SUITE.format(min_auroc=min_auroc, max_asr=max_asr))
+        return str(path)
+
+    return write
+
+
+def check(suite, tmp_path, name, *extra):
+    return main(["check", suite, "--n", "60", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs" / name),
+                 *extra])
+
+
+def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, capsys):
+    assert check(suite_file(), tmp_path, "pass", "--junitxml", str(tmp_path / "pass.xml")) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("gate-0.5-1.0::fgsm[eps=0.3]::attack_success_rate PASSED (")
+    assert "gate-0.5-1.0::fgsm[eps=0.3]::auroc PASSED (confounding_gradient " in lines[1]
+    assert "::pgd[eps=0.02]::auroc SKIPPED (" in "\n".join(lines)
+    assert "::pgd[eps=0.3]::auroc PASSED (msp " in "\n".join(lines)  # the per-attack detector override
+    assert lines[-1].startswith("5 passed, 0 failed, 1 skipped in ") and lines[-1].endswith("s")
+
+    assert check(suite_file(min_auroc=0.999, max_asr=0.5), tmp_path, "fail", "--junitxml", str(tmp_path / "f.xml")) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"::pgd\[eps=0.3\]::attack_success_rate FAILED \(0\.\d{3} > 0.5\)", out)
+    assert re.search(r"::pgd\[eps=0.3\]::auroc FAILED \(msp 0\.\d{3} < 0.999\)", out)
+    assert "failed" in out.strip().splitlines()[-1] and not out.strip().splitlines()[-1].startswith("0 passed, 0 failed")
+    suite = ElementTree.parse(tmp_path / "f.xml").getroot().find("testsuite")
+    assert int(suite.get("failures")) >= 1 and int(suite.get("tests")) == 6 and suite.get("skipped") == "1"
+    failure = suite.find("testcase/failure")
+    assert failure is not None and "FAILED" in failure.text
+    manifest = read_json(tmp_path / "runs" / "fail" / "manifest.json")
+    assert manifest["status"] == "complete" and manifest["verdict"]["failed"] >= 1
+
+
+def test_check_input_errors_exit_2(suite_file, tmp_path, capsys):
+    assert main(["check", "default", "--out", str(tmp_path / "x")]) == 2
+    assert "has no thresholds to check" in capsys.readouterr().err
+    assert main(["check", suite_file(), "--detectors", "confounding_gradient", "--out", str(tmp_path / "x")]) == 2
+    assert "check detector(s) msp, which --detectors does not run" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, capsys):
+    suite = suite_file()
+    assert check(suite, tmp_path, "a") == 0 and check(suite, tmp_path, "b") == 0
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        manifest = read_json(runs / name / "manifest.json")
+        assert manifest["status"] == "complete" and len(manifest["model_sha256"]) == 64
+        assert {"data_sha256", "suite_sha256", "seed", "versions", "device", "started_at", "ended_at", "timings"} <= set(manifest)
+    assert main(["history", str(runs)]) == 0
+    history = capsys.readouterr().out.splitlines()
+    assert history[0].split()[:3] == ["run", "started", "status"] and [l.split()[0] for l in history[1:]] == ["a", "b"]
+
+    html = (runs / "b" / "report.html").read_text()
+    assert '<h2 id="trend">Trend</h2>' in html and "1 earlier run(s)" in html and "0 regression(s)" in html
+    assert "<h2 id=\"trend\">" not in (runs / "a" / "report.html").read_text()
+    assert main(["compare", str(runs / "a"), str(runs / "b")]) == 0
+    assert "0 regression(s)" in capsys.readouterr().out
+
+    # plant a regression: in the earlier run a, msp detected pgd[eps=0.3] far better than b now does
+    results = read_json(runs / "a" / "results.json")
+    row = next(r for r in results["results"] if r["attack"] == "pgd" and r["strength"] == 0.3 and r["detector"] == "msp")
+    row.update(auroc=0.999, auroc_ci_low=0.99, auroc_ci_high=1.0)
+    write_json(runs / "a" / "results.json", results)
+    assert main(["compare", str(runs / "a"), str(runs / "b")]) == 1
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if line.endswith("REGRESSION")]
+    assert len(flagged) == 1 and flagged[0].startswith("pgd[eps=0.3]") and " msp " in flagged[0]
+    assert "1 regression(s)" in out
+    assert main(["report", str(runs / "b")]) == 0  # b's report, re-rendered, sees the planted earlier value
+    html = (runs / "b" / "report.html").read_text()
+    assert "1 regression(s)" in html and html.count("<td>REGRESSION</td>") == 1
