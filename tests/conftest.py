@@ -39,3 +39,6 @@ def tiny_model() -> TinyCNN:
 @pytest.fixture
 def tiny_inputs() -> torch.Tensor:
     return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+pytest_plugins = ["pytester"]

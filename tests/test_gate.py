@@ -31,7 +31,7 @@ detector = "msp"
 @pytest.fixture
 def suite_file(tmp_path):
     def write(min_auroc=0.5, max_asr=1.0):
-        path = tmp_path / f"gate-{min_auroc}-{max_asr}.toml"
+        path = tmp_path / f"gate_{round(100 * min_auroc)}_{round(100 * max_asr)}.toml"
         path.write_text(SUITE.format(min_auroc=min_auroc, max_asr=max_asr))
         return str(path)
 
@@ -46,8 +46,8 @@ def check(suite, tmp_path, name, *extra):
 def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, capsys):
     assert check(suite_file(), tmp_path, "pass", "--junitxml", str(tmp_path / "pass.xml")) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("gate-0.5-1.0::fgsm[eps=0.3]::attack_success_rate PASSED (")
-    assert "gate-0.5-1.0::fgsm[eps=0.3]::auroc PASSED (confounding_gradient " in lines[1]
+    assert lines[0].startswith("gate_50_100::fgsm[eps=0.3]::attack_success_rate PASSED (")
+    assert "gate_50_100::fgsm[eps=0.3]::auroc PASSED (confounding_gradient " in lines[1]
     assert "::pgd[eps=0.02]::auroc SKIPPED (" in "\n".join(lines)
     assert "::pgd[eps=0.3]::auroc PASSED (msp " in "\n".join(lines)  # the per-attack detector override
     assert lines[-1].startswith("5 passed, 0 failed, 1 skipped in ") and lines[-1].endswith("s")
@@ -105,3 +105,21 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
     assert main(["report", str(runs / "b")]) == 0  # b's report, re-rendered, sees the planted earlier value
     html = (runs / "b" / "report.html").read_text()
     assert "1 regression(s)" in html and html.count("<td>REGRESSION</td>") == 1
+
+
+def test_pytest_plugin_gives_the_same_verdicts_as_check(suite_file, tmp_path, pytester, capsys):
+    suite = suite_file(min_auroc=0.9, max_asr=0.9)
+    assert check(suite, tmp_path, "cli") == 1
+    verdicts = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if "::" in line}
+    result = pytester.runpytest_subprocess("--advdetect-suite", suite, "--advdetect-n", "60", "-v", "-p", "no:cacheprovider")
+    outcomes = {}
+    for line in result.outlines:  # verbose lines: "<nodeid> PASSED [ 16%]"
+        found = re.search(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED)\b", line)
+        if found:
+            nodeid = next(n for n in verdicts if found.group(1).endswith(n))
+            outcomes[nodeid] = found.group(2)
+    assert outcomes == verdicts
+    counts = {s: list(verdicts.values()).count(s) for s in ("PASSED", "FAILED", "SKIPPED")}
+    result.assert_outcomes(passed=counts["PASSED"], failed=counts["FAILED"], skipped=counts["SKIPPED"])
+    assert result.ret == 1
+    assert any("attack_success_rate FAILED (" in line for line in result.outlines)  # value against threshold

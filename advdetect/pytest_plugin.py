@@ -1,0 +1,98 @@
+"""pytest plugin (entry point ``pytest11``): robustness gates beside a project's own tests.
+
+``pytest --advdetect-suite FILE [--advdetect-n N] [--advdetect-model SPEC] [--advdetect-data SPEC]``
+collects one test item per check of the suite's thresholds (as ``advdetect check`` prints
+them); the audit runs once, when the first of them runs, reusing cached attack work. Without
+``--advdetect-suite`` the plugin does nothing, and it imports nothing heavy until asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("advdetect", "adversarial-robustness gates (advdetect)")
+    group.addoption("--advdetect-suite", metavar="FILE", help="audit suite whose thresholds become test items")
+    group.addoption("--advdetect-n", type=int, metavar="N", help="inputs to audit (default: advdetect's)")
+    group.addoption("--advdetect-model", metavar="SPEC", help="model spec (default: the embedded model)")
+    group.addoption("--advdetect-weights", metavar="FILE", help="state_dict for the model spec")
+    group.addoption("--advdetect-data", metavar="SPEC", help="data spec (default: the embedded data)")
+    group.addoption("--advdetect-out", metavar="DIR", help="run folder (default: reports/<timestamp>)")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class _Audit:
+    """Runs the audit on first use and remembers its results (or its error) for every item."""
+
+    def __init__(self, options: Any, out: str | None) -> None:
+        self.options, self.out = options, out
+        self._document: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    def document(self) -> dict[str, Any]:
+        if self._error is not None:
+            raise self._error
+        if self._document is None:
+            from advdetect.cli import run_audit
+
+            try:
+                _, self._document = run_audit(self.options, Path(self.out) if self.out else None)
+            except Exception as exc:
+                self._error = exc
+                raise
+        return self._document
+
+
+class CheckItem(pytest.Item):
+    def __init__(self, *, check: Any, audit: _Audit, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check, self.audit = check, audit
+
+    def runtest(self) -> None:
+        from advdetect.checks import FAILED, SKIPPED, evaluate
+
+        outcome = evaluate(self.check, self.audit.document())
+        if outcome.status == SKIPPED:
+            pytest.skip(outcome.message)
+        if outcome.status == FAILED:
+            raise CheckFailed(outcome.line)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, CheckFailed):
+            return str(excinfo.value)
+        return str(super().repr_failure(excinfo, style=style))
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"{self.check.cell_key}::{self.check.metric}"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    suite = config.getoption("advdetect_suite")
+    if not suite:
+        return
+    from advdetect.checks import plan_checks
+    from advdetect.cli import audit_options, build_parser
+    from advdetect.errors import UsageError
+
+    argv = ["check", suite]
+    for option, flag in (("advdetect_n", "--n"), ("advdetect_model", "--model"), ("advdetect_weights", "--weights"),
+                         ("advdetect_data", "--data")):
+        if config.getoption(option) is not None:
+            argv += [flag, str(config.getoption(option))]
+    try:
+        options = audit_options(build_parser().parse_args(argv))
+        checks = plan_checks(options.suite)
+    except UsageError as exc:
+        raise pytest.UsageError(f"advdetect: {exc}") from None
+    if not checks:
+        raise pytest.UsageError(f"advdetect: suite {suite!r} has no [thresholds] to check")
+    audit = _Audit(options, config.getoption("advdetect_out"))
+    path = Path(suite).resolve() if Path(suite).is_file() else session.path
+    items.extend(CheckItem.from_parent(session, name=check.nodeid, path=path, check=check, audit=audit) for check in checks)
