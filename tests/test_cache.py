@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from helpers import results_without_timings
 
 from advdetect import audit
 from advdetect.cli import main
@@ -16,14 +17,6 @@ eps = [0.3]
 alpha = 0.1
 steps = 2
 """
-
-
-def results_without_timings(run_dir):
-    results = json.loads((run_dir / "results.json").read_text())
-    results.pop("timings"), results.pop("started_at")
-    for attack in results["attacks"]:
-        attack.pop("seconds")
-    return results
 
 
 @pytest.fixture
