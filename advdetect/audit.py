@@ -8,7 +8,6 @@ import math
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -18,15 +17,15 @@ from torch import nn
 
 from advdetect.attacks import get_attack
 from advdetect.cache import AttackCache, tensor_sha256
-from advdetect.history import json_sha256, write_manifest
+from advdetect.datasets import DataOptions, DataSample, load_data
 from advdetect.detectors import get_detector
 from advdetect.errors import UsageError
+from advdetect.history import json_sha256, now, write_manifest
 from advdetect.inference import batched_logits, select_device
 from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
+from advdetect.models import LoadedModel, ModelOptions, load_model
 from advdetect.progress import progress
 from advdetect.records import AttackRecord, ResultRow, RunInfo, derive_seed
-from advdetect.datasets import DataOptions, DataSample, load_data
-from advdetect.models import LoadedModel, ModelOptions, load_model
 from advdetect.storage import load_arrays, read_json, save_arrays, write_json
 from advdetect.suite import AttackCell, Suite, suite_from_document
 
@@ -132,11 +131,12 @@ def start_run(run_dir: Path, options: AuditOptions, loaded: LoadedModel, sample:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_arrays(run_dir / "sample.npz", x=sample.x.numpy(), y=sample.y.numpy(), pred=pred.numpy())
     info = RunInfo(
-        suite={"name": options.suite.name, "source": options.suite.source, "document": options.suite.to_dict()}, model=loaded.info, data=sample.info, seed=options.seed, device=str(device),
+        suite={"name": options.suite.name, "source": options.suite.source, "document": options.suite.to_dict()},
+        model=loaded.info, data=sample.info, seed=options.seed, device=str(device),
         batch_size=options.batch_size, fit_fraction=options.fit_fraction, detectors=list(options.detectors),
         cache_dir=None if options.cache_dir is None else str(options.cache_dir),
         clean_accuracy=float((pred == sample.y).double().mean()), versions=package_versions(),
-        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        started_at=now(),
         timings={"load": round(time.perf_counter() - started, 3)},
     )
     write_json(run_dir / "run.json", info.to_dict())
@@ -155,9 +155,13 @@ def read_run(run_dir: Path) -> RunInfo:
     return RunInfo.from_dict(read_json(path))
 
 
-def record_timing(run_dir: Path, stage: str, seconds: float) -> RunInfo:
+def update_run(run_dir: Path, timing: tuple[str, float] | None = None, **fields: object) -> RunInfo:
+    """Record a stage's seconds and/or other fields in run.json."""
     info = read_run(run_dir)
-    info.timings[stage] = round(seconds, 3)
+    if timing:
+        info.timings[timing[0]] = round(timing[1], 3)
+    for name, value in fields.items():
+        setattr(info, name, value)
     write_json(run_dir / "run.json", info.to_dict())
     return info
 
@@ -271,11 +275,8 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell]) -> li
                     pred=pred.numpy(), fooled=fooled)
         write_json(run_dir / "adversarial" / f"{cell.slug}.json", record.to_dict())
         records.append(record)
-    record_timing(run_dir, "attack", time.perf_counter() - started)
+    update_run(run_dir, ("attack", time.perf_counter() - started), attack_cache_hits=hits if cache else None)
     if cache:
-        info = read_run(run_dir)
-        info.attack_cache_hits = hits
-        write_json(run_dir / "run.json", info.to_dict())
         log.info("%d of %d attack cells came from the cache in %s", hits, len(cells), cache.root)
     return records
 
@@ -337,7 +338,7 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -
             rows.append(row)
         save_arrays(run_dir / "scores" / f"{record.slug}.npz", **scores)
     write_json(run_dir / "detection.json", [row.to_dict() for row in rows])
-    record_timing(run_dir, "detect", time.perf_counter() - started)
+    update_run(run_dir, ("detect", time.perf_counter() - started))
     return rows
 
 

@@ -19,7 +19,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from advdetect.audit import read_attack_records, read_run, record_timing, run_suite  # noqa: E402
+from advdetect.audit import read_attack_records, read_run, run_suite, update_run  # noqa: E402
 from advdetect.history import MANIFEST, trend  # noqa: E402
 from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo  # noqa: E402
 from advdetect.storage import atomic_write, load_arrays, read_json, write_bytes, write_json  # noqa: E402
@@ -272,7 +272,7 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
     write_pdf(run_dir / "report.pdf", info, cells, run_trend)
     write_html(run_dir / "report.html", info, cells, run_trend)
-    info = record_timing(run_dir, "report", time.perf_counter() - started)
+    info = update_run(run_dir, ("report", time.perf_counter() - started))
     document["timings"] = info.timings
     write_json(run_dir / "results.json", document)
     return document
