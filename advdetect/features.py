@@ -16,6 +16,7 @@ through autograd instead, for that parameter alone.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -296,6 +297,11 @@ def _couples_inputs(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not _supported_config(m) for m in model.modules())
 
 
+#: Per model, the layers whose captured activations a later in-place operation changes (found
+#: once, by a rerun of the first chunk), so later calls copy them from the start.
+_NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, set[int]]" = weakref.WeakKeyDictionary()
+
+
 def confounding_gradient_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Squared L2 norm of each parameter tensor's gradient of :func:`confounding_loss`, per input.
 
@@ -309,7 +315,7 @@ def confounding_gradient_features(model: nn.Module, inputs: torch.Tensor, batch_
     if isinstance(model, torch.jit.ScriptModule) or _couples_inputs(model):
         return per_sample_loop_features(model, inputs, batch_size)
     device = next(model.parameters()).device
-    recorder = _Recorder(model)
+    recorder = _Recorder(model, clone=_NEEDS_COPIES.setdefault(model, set()))
     rows = []
     with _eval_with_all_grads(model) as params:
         for start in range(0, len(inputs), batch_size):
