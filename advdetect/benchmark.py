@@ -136,18 +136,32 @@ def run_benchmark(models: list[str], batch: int, repeats: int, methods: list[str
     return report
 
 
+_MEASURE_PEAK = """
+import json, torch
+from advdetect.benchmark import CifarResNet18
+from advdetect.features import confounding_gradient_features as features
+
+def status(field):
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+torch.manual_seed(0)
+model, inputs = CifarResNet18().eval(), torch.rand({n}, 3, 32, 32)
+features(model, inputs[:2])
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as handle:  # reset the peak to the current size
+    handle.write("5")
+features(model, inputs, batch_size={chunk})
+print(json.dumps((status("VmHWM") - base) / 1024))
+"""
+
+
 def peak_memory(n: int, chunk: int) -> dict[str, float]:
     """Peak resident memory growth (MiB) of the features of ``n`` CIFAR-sized inputs in chunks of
-    ``chunk``, measured in a fresh process so the peak belongs to this run alone."""
-    code = (
-        "import json, resource, torch; from advdetect.benchmark import CifarResNet18; "
-        "from advdetect.features import confounding_gradient_features as f; torch.manual_seed(0); "
-        f"m = CifarResNet18().eval(); x = torch.rand({n}, 3, 32, 32); f(m, x[:2]); "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"f(m, x, batch_size={chunk}); "
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ``chunk``, in a fresh process. Linux only: it reads the process's own peak (VmHWM), since
+    ``ru_maxrss`` carries the parent's peak over fork and exec."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE_PEAK.format(n=n, chunk=chunk)], capture_output=True,
+                         text=True, check=True)
     return {"inputs": n, "chunk": chunk, "peak_growth_mib": round(float(out.stdout.strip()), 1)}
 
 
