@@ -1,6 +1,5 @@
 """Audits as tests: check's verdicts and JUnit output, run history, trends and regressions."""
 
-import json
 import re
 from xml.etree import ElementTree
 
