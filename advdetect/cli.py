@@ -295,18 +295,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def print_summary(document: dict) -> None:
-    detectors = list(dict.fromkeys(r["detector"] for r in document["results"]))
-    header = ["attack", "strength", "success", *[f"AUROC {d}" for d in detectors]]
-    lines = []
-    for attack in document["attacks"]:
-        aurocs = {r["detector"]: r["auroc"] for r in document["results"]
-                  if r["attack"] == attack["attack"] and r["strength"] == attack["strength"]}
-        success = attack["attack_success_rate"]
-        lines.append([attack["attack"], f"{attack['strength_name']}={attack['strength']:g}",
-                      "n/a" if success is None else f"{100 * success:.1f}%",
-                      *["-" if aurocs.get(d) is None else f"{aurocs[d]:.3f}" for d in detectors]])
+    from advdetect.report import summary_table
+
     print(f"clean accuracy {document['clean_accuracy']:.3f} on {document['data']['n']} inputs of {document['data']['spec']}")
-    _print_table(header, lines)
+    _print_table(*summary_table(document))
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -148,16 +148,18 @@ def _by_attack(cells: list[Cell]) -> dict[str, list[Cell]]:
     return groups
 
 
-def summary_table(info: RunInfo, cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the summary: one row per cell, one AUROC column per detector."""
-    header = ["attack", "strength", "success", "mean L2", "mean Linf", *[f"AUROC {d}" for d in info.detectors]]
+def summary_table(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary of a results document: one row per attack cell, one AUROC
+    column per detector. The report and the terminal show the same table."""
+    detectors = list(dict.fromkeys(r["detector"] for r in document["results"]))
+    header = ["attack", "strength", "success", "mean L2", "mean Linf", *[f"AUROC {d}" for d in detectors]]
     table = []
-    for cell in cells:
-        aurocs = {r.detector: r.auroc for r in cell.rows}
-        r = cell.record
-        table.append([r.attack, f"{r.strength_name}={format_strength(r.strength)}", _pct(r.attack_success_rate),
-                      "-" if r.mean_l2 is None else f"{r.mean_l2:.3f}", "-" if r.mean_linf is None else f"{r.mean_linf:.3f}",
-                      *["-" if aurocs.get(d) is None else f"{aurocs[d]:.3f}" for d in info.detectors]])
+    for a in document["attacks"]:
+        aurocs = {r["detector"]: r["auroc"] for r in document["results"]
+                  if r["attack"] == a["attack"] and r["strength"] == a["strength"]}
+        table.append([a["attack"], f"{a['strength_name']}={format_strength(a['strength'])}", _pct(a["attack_success_rate"]),
+                      *["-" if a[k] is None else f"{a[k]:.3f}" for k in ("mean_l2", "mean_linf")],
+                      *["-" if aurocs.get(d) is None else f"{aurocs[d]:.3f}" for d in detectors]])
     return header, table
 
 
@@ -203,7 +205,8 @@ def draw_trend_page(pdf: PdfPages, trend: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def write_pdf(path: Path, info: RunInfo, cells: list[Cell], trend: dict[str, Any] | None = None) -> None:
+def write_pdf(path: Path, info: RunInfo, cells: list[Cell], document: dict[str, Any],
+              trend: dict[str, Any] | None = None) -> None:
     def render(handle: Any) -> None:
         with PdfPages(handle) as pdf:
             fig = plt.figure(figsize=(11.7, 8.3))
@@ -213,7 +216,7 @@ def write_pdf(path: Path, info: RunInfo, cells: list[Cell], trend: dict[str, Any
                 fig.text(0.04, y, f"{key}:", fontsize=8, weight="bold")
                 fig.text(0.17, y, _wrap(value, 150), fontsize=8, va="top" if len(value) > 150 else "baseline")
                 y -= 0.03 if len(value) <= 150 else 0.045
-            header, table = summary_table(info, cells)
+            header, table = summary_table(document)
             ax = fig.add_axes([0.04, 0.03, 0.92, y - 0.06])
             ax.axis("off")
             tbl = ax.table(cellText=table, colLabels=header, loc="upper center", cellLoc="center")
@@ -242,7 +245,8 @@ def write_pdf(path: Path, info: RunInfo, cells: list[Cell], trend: dict[str, Any
     atomic_write(path, render)
 
 
-def write_html(path: Path, info: RunInfo, cells: list[Cell], trend: dict[str, Any] | None = None) -> None:
+def write_html(path: Path, info: RunInfo, cells: list[Cell], document: dict[str, Any],
+               trend: dict[str, Any] | None = None) -> None:
     sections = []
     for attack, attack_cells in _by_attack(cells).items():
         figures = []
@@ -255,7 +259,7 @@ def write_html(path: Path, info: RunInfo, cells: list[Cell], trend: dict[str, An
         draw_comparison(ax, attack_cells, info.detectors)
         sections.append({"attack": attack, "figures": figures, "comparison": _png(fig),
                          "params": attack_cells[0].record.params, "strength_name": attack_cells[0].record.strength_name})
-    header, table = summary_table(info, cells)
+    header, table = summary_table(document)
     env = Environment(loader=PackageLoader("advdetect", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         header_items=header_items(info), header=header, table=table, sections=sections, detectors=info.detectors,
@@ -270,8 +274,8 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     info, cells = load_cells(run_dir)
     document = results_document(info, cells)
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
-    write_pdf(run_dir / "report.pdf", info, cells, run_trend)
-    write_html(run_dir / "report.html", info, cells, run_trend)
+    write_pdf(run_dir / "report.pdf", info, cells, document, run_trend)
+    write_html(run_dir / "report.html", info, cells, document, run_trend)
     info = update_run(run_dir, ("report", time.perf_counter() - started))
     document["timings"] = info.timings
     write_json(run_dir / "results.json", document)
