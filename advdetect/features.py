@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,37 @@ SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, n
 GHOST_MAX_ELEMENTS = 1 << 27
 
 
-def confounding_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Per-input loss: sigmoid binary cross-entropy of the logits against the all-ones label,
-    summed over classes. Shape [N]."""
-    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none").sum(dim=1)
+LABELS = ("ones", "half", "not_predicted")
+LOSSES = ("sigmoid_bce", "softmax_bce")
+NORMS = ("l2sq", "l1")
+
+
+def confounding_label(logits: torch.Tensor, label: str = "ones") -> torch.Tensor:
+    """The multi-hot label the loss is taken against. ``ones``: every class, the paper's
+    confounding label. Ablations: ``half``, the first half of the classes; ``not_predicted``,
+    every class but the predicted one."""
+    if label == "ones":
+        return torch.ones_like(logits)
+    if label == "half":
+        target = torch.zeros_like(logits)
+        target[:, : (logits.shape[1] + 1) // 2] = 1
+        return target
+    if label == "not_predicted":
+        return 1 - F.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+    raise ValueError(f"unknown confounding label {label!r}; valid labels: {', '.join(LABELS)}")
+
+
+def confounding_loss(logits: torch.Tensor, label: str = "ones", loss: str = "sigmoid_bce") -> torch.Tensor:
+    """Per-input loss, shape [N]: binary cross-entropy against :func:`confounding_label`, summed
+    over classes, of the sigmoid of each logit (``sigmoid_bce``, the paper's) or of the softmax
+    (``softmax_bce``, an ablation)."""
+    target = confounding_label(logits.detach(), label)
+    if loss == "sigmoid_bce":
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)
+    if loss == "softmax_bce":
+        log_p, log_not_p = F.log_softmax(logits, dim=1), torch.log1p(-F.softmax(logits, dim=1).clamp(max=1 - 1e-7))
+        return -(target * log_p + (1 - target) * log_not_p).sum(dim=1)
+    raise ValueError(f"unknown confounding loss {loss!r}; valid losses: {', '.join(LOSSES)}")
 
 
 def parameter_names(model: nn.Module) -> list[str]:
@@ -60,16 +87,19 @@ def _eval_with_all_grads(model: nn.Module) -> Iterator[list[nn.Parameter]]:
             p.requires_grad_(r)
 
 
-def per_sample_loop_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """The reference: one backward pass per input. Same output as :func:`confounding_gradient_features`."""
+def per_sample_loop_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64, *, label: str = "ones",
+                             loss: str = "sigmoid_bce", norm: str = "l2sq") -> torch.Tensor:
+    """The reference: one backward pass per input. Same output as :func:`confounding_gradient_features`.
+    ``norm="l1"`` (the L1 norm of each gradient tensor, an ablation) needs it: L1 has no closed form."""
+    reduce = {"l2sq": _sq, "l1": lambda t: t.detach().double().abs().sum()}[norm]
     device = next(model.parameters()).device
     rows: list[torch.Tensor] = []
     with _eval_with_all_grads(model) as params:
         for start in range(0, len(inputs), batch_size):
             for x in inputs[start : start + batch_size].to(device):
-                loss = confounding_loss(model(x.unsqueeze(0))).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                rows.append(torch.stack([_sq(g) if g is not None else torch.zeros((), dtype=torch.float64, device=device)
+                value = confounding_loss(model(x.unsqueeze(0)), label, loss).sum()
+                grads = torch.autograd.grad(value, params, allow_unused=True)
+                rows.append(torch.stack([reduce(g) if g is not None else torch.zeros((), dtype=torch.float64, device=device)
                                          for g in grads]).cpu())
     return torch.stack(rows) if rows else torch.zeros(0, len(list(model.parameters())), dtype=torch.float64)
 
@@ -302,31 +332,37 @@ def _couples_inputs(model: nn.Module) -> bool:
 _NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, set[int]]" = weakref.WeakKeyDictionary()
 
 
-def confounding_gradient_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def confounding_gradient_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64, *, label: str = "ones",
+                                  loss: str = "sigmoid_bce", norm: str = "l2sq") -> torch.Tensor:
     """Squared L2 norm of each parameter tensor's gradient of :func:`confounding_loss`, per input.
 
     Returns a float64 tensor of shape [N, P] on the CPU, P = number of parameter tensors in
     ``model.named_parameters()`` order. Works through ``inputs`` in chunks of ``batch_size``
     on the model's device, which bounds memory; each chunk costs about one batched forward
     and backward pass. Equal to :func:`per_sample_loop_features` up to rounding.
+    ``label``, ``loss`` and ``norm`` select the ablations of :func:`confounding_loss`.
     """
     if inputs.ndim < 2:
         raise ValueError(f"inputs must be batched, shape [N, ...]; got {tuple(inputs.shape)}")
-    if isinstance(model, torch.jit.ScriptModule) or _couples_inputs(model):
-        return per_sample_loop_features(model, inputs, batch_size)
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    if norm != "l2sq" or isinstance(model, torch.jit.ScriptModule) or _couples_inputs(model):
+        return per_sample_loop_features(model, inputs, batch_size, label=label, loss=loss, norm=norm)
     device = next(model.parameters()).device
     recorder = _Recorder(model, clone=_NEEDS_COPIES.setdefault(model, set()))
     rows = []
     with _eval_with_all_grads(model) as params:
         for start in range(0, len(inputs), batch_size):
-            rows.append(_chunk_features(model, params, recorder, inputs[start : start + batch_size].to(device)))
+            chunk = inputs[start : start + batch_size].to(device)
+            rows.append(_chunk_features(model, params, recorder, chunk, lambda z: confounding_loss(z, label, loss)))
     return torch.cat(rows) if rows else torch.zeros(0, len(params), dtype=torch.float64)
 
 
-def _chunk_features(model: nn.Module, params: list[nn.Parameter], recorder: _Recorder, x: torch.Tensor) -> torch.Tensor:
+def _chunk_features(model: nn.Module, params: list[nn.Parameter], recorder: _Recorder, x: torch.Tensor,
+                    loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     while True:
         with recorder.recording():
-            losses = confounding_loss(model(x))
+            losses = loss_fn(model(x))
         changed = recorder.modified_in_place() - recorder.clone
         if not changed:
             break

@@ -1,3 +1,5 @@
+import math
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -164,3 +166,27 @@ def test_batchnorm_without_running_statistics_uses_the_loop():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(), nn.Linear(8, 3))
     inputs = torch.rand(3, 1, 4, 4)
     torch.testing.assert_close(confounding_gradient_features(model, inputs), per_sample_loop_features(model, inputs))
+
+
+def test_ablation_losses_and_labels_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)  # softmax [1/4, 3/4]
+    # softmax BCE against all ones: -(log 1/4 + log 3/4) = log(16/3) = 1.673976
+    assert confounding_loss(logits, "ones", "softmax_bce").item() == pytest.approx(math.log(16 / 3), rel=1e-9)
+    # the "not_predicted" label is 1 on class 0 only: softmax BCE = -log(1/4) - log(1 - 3/4) = 2 log 4
+    assert confounding_loss(logits, "not_predicted", "softmax_bce").item() == pytest.approx(2 * math.log(4), rel=1e-6)
+    # "half" of two classes is class 0: sigmoid BCE = softplus(-0) + softplus(log 3) = log 2 + log 4
+    assert confounding_loss(logits, "half").item() == pytest.approx(math.log(2) + math.log(4), rel=1e-9)
+
+
+@pytest.mark.parametrize(("label", "loss"), [("half", "sigmoid_bce"), ("not_predicted", "softmax_bce")])
+def test_batched_ablations_match_the_loop(tiny_model, tiny_inputs, label, loss):
+    model, inputs = tiny_model.double(), tiny_inputs.double()
+    torch.testing.assert_close(confounding_gradient_features(model, inputs, label=label, loss=loss),
+                               per_sample_loop_features(model, inputs, label=label, loss=loss))
+
+
+def test_l1_norm_ablation_is_the_l1_norm_of_each_gradient(tiny_model, tiny_inputs):
+    model, x = tiny_model.double(), tiny_inputs[:1].double()
+    grads = torch.autograd.grad(confounding_loss(model(x)).sum(), list(model.parameters()))
+    expected = torch.stack([g.abs().sum() for g in grads])
+    torch.testing.assert_close(confounding_gradient_features(model, x, norm="l1")[0], expected)
