@@ -3,3 +3,7 @@
 
 class UsageError(Exception):
     """Bad input from the user (a path, a spec, a config): what is wrong and how to fix it."""
+
+
+class Unavailable(Exception):
+    """A detector cannot run on this model or data; its result rows say why instead."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import TypeVar
+from typing import TYPE_CHECKING, Iterable, TypeVar
 
 from advdetect.detectors.base import Detector
 from advdetect.errors import UsageError
+
+if TYPE_CHECKING:
+    from advdetect.suite import DetectorVariant
 
 DETECTORS: dict[str, type[Detector]] = {}
 D = TypeVar("D", bound=type[Detector])
@@ -28,7 +31,21 @@ def get_detector(name: str) -> type[Detector]:
         raise UsageError(f"unknown detector {name!r}; valid detectors: {', '.join(sorted(DETECTORS))}") from None
 
 
+def build_detector(name: str, variants: Iterable["DetectorVariant"] = ()) -> Detector:
+    """A detector by registered name, or by the name of a suite's variant of one."""
+    for variant in variants:
+        if variant.name == name:
+            detector = get_detector(variant.base)(**variant.params)
+            detector.variant_name = name
+            return detector
+    return get_detector(name)()
+
+
+def detector_name(detector: Detector) -> str:
+    return getattr(detector, "variant_name", detector.name)
+
+
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DETECTORS", "Detector", "get_detector", "register_detector"]
+__all__ = ["DETECTORS", "Detector", "build_detector", "detector_name", "get_detector", "register_detector"]

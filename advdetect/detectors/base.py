@@ -3,34 +3,62 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, GroupKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
+
+#: Inverse regularization strengths the supervised detectors choose from by cross-validation.
+DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in 10.0 ** np.arange(-3, 4))
 
 
 class Detector(BaseEstimator, ABC):
     """Scores inputs; higher means more likely adversarial (or out-of-distribution).
 
-    Two steps, so that a signature is computed once per input and reused across fits:
-    :meth:`signatures` maps inputs through the model to per-input arrays, and
-    :meth:`fit` / :meth:`score` work on those arrays alone, like a scikit-learn estimator.
+    Three steps, so that a signature is computed once per input and reused across fits:
+
+    1. :meth:`prepare` fits whatever lives in the model's own space on clean reference inputs
+       (class-conditional Gaussians, kernel densities, neighbour pools); most detectors need none.
+    2. :meth:`signatures` maps inputs through the model to per-input arrays, shape [N, D].
+    3. :meth:`fit` / :meth:`score` work on those arrays alone, like a scikit-learn estimator:
+       ``fit(clean)`` with clean signatures only, ``fit(clean, adversarial)`` with both.
+
     Hyperparameters are public constructor arguments (``get_params``); fitted state ends in ``_``.
     """
 
     name: ClassVar[str]
-    #: True when :meth:`fit` needs adversarial examples (a supervised detector).
+    #: :meth:`fit` cannot work without adversarial examples (a supervised detector).
     needs_adversarial: ClassVar[bool] = False
+    #: :meth:`fit` uses adversarial examples when it gets them (to tune or to combine features),
+    #: so the result depends on which attack it saw: the ``unseen`` protocol applies.
+    uses_adversarial: ClassVar[bool] = False
+    #: :meth:`prepare` needs labelled clean reference inputs.
+    needs_reference: ClassVar[bool] = False
+
+    def _validate(self) -> None:
+        """Raise ValueError on a bad hyperparameter, before any work."""
+
+    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> "Detector":
+        """Fit model-space state on clean reference inputs with their labels."""
+        return self
 
     @abstractmethod
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         """Per-input signatures, shape [N, D], of an eval-mode model taking inputs in [0, 1]."""
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray) -> "Detector":
-        """Fit on signatures of clean and adversarial inputs (pairs share a row index when both
-        have the same length). Detectors that need no fitting return ``self``."""
+    def signature_key(self) -> tuple:
+        """Detectors with equal keys compute equal signatures, so an audit computes them once."""
+        return (type(self).__name__, id(self))
+
+    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Detector":
+        """Fit on signatures of clean and (optionally) adversarial inputs. When both have the same
+        length, rows with the same index are a (clean, adversarial) pair of one source input."""
         return self
 
     @abstractmethod
@@ -40,3 +68,34 @@ class Detector(BaseEstimator, ABC):
     def fitted_params(self) -> dict[str, Any]:
         """Hyperparameters chosen during :meth:`fit`, recorded in results."""
         return {}
+
+
+def require_adversarial(detector: Detector, clean: np.ndarray, adversarial: np.ndarray | None) -> np.ndarray:
+    if adversarial is None:
+        raise ValueError(f"{detector.name} is supervised: fit it with clean and adversarial signatures")
+    n = min(len(clean), len(adversarial))
+    if n < 2:
+        raise ValueError(f"need at least 2 clean and 2 adversarial inputs to fit; got {len(clean)} and {len(adversarial)}")
+    return adversarial
+
+
+def fit_logistic(clean: np.ndarray, adversarial: np.ndarray, *, Cs: Sequence[float] = DEFAULT_CS,
+                 cv: int = 5, prefix: Sequence[Any] = ()) -> tuple[Pipeline, float, float]:
+    """Standardize, then logistic regression with ``C`` chosen by cross-validated AUROC over folds
+    that keep each (clean, adversarial) pair together. Returns (pipeline, C, cross-validated AUROC)."""
+    n_splits = min(cv, len(clean), len(adversarial))
+    features = np.concatenate([clean, adversarial])
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
+    paired = len(clean) == len(adversarial)
+    groups = np.r_[np.arange(len(clean)), np.arange(len(adversarial)) + (0 if paired else len(clean))]
+    pipeline = make_pipeline(*prefix, StandardScaler(), LogisticRegression(max_iter=5000))
+    search = GridSearchCV(pipeline, {"logisticregression__C": list(Cs)}, cv=GroupKFold(n_splits), scoring="roc_auc")
+    search.fit(features, labels, groups=groups)
+    return search.best_estimator_, float(search.best_params_["logisticregression__C"]), float(search.best_score_)
+
+
+def best_by_cv(candidates: dict[Any, tuple[Pipeline, float, float]]) -> tuple[Any, Pipeline, float]:
+    """The candidate setting whose logistic regression has the best cross-validated AUROC
+    (the first on ties, so the grid's order breaks them)."""
+    best = max(candidates, key=lambda k: candidates[k][2])
+    return best, candidates[best][0], candidates[best][1]

@@ -7,27 +7,34 @@ binary cross-entropy between the logits and the all-ones label (see
 standardized log signatures, its inverse regularization ``C`` chosen by cross-validated
 AUROC over folds that keep each (clean, adversarial) pair together. Needs adversarial
 examples to fit.
+
+Ablations (constructor arguments, settable from a suite's ``[detectors.NAME]`` table): the
+``label`` (``ones``, ``half``, ``not_predicted``), the ``loss`` (``sigmoid_bce``,
+``softmax_bce``), the ``norm`` (``l2sq``, ``l1``) and ``layers``, glob patterns over parameter
+names that select the tensors used (all by default). Research variants: ``label`` joined by ``+``
+concatenates the signatures of several labels; ``with_outputs`` adds three statistics of the
+logits (top softmax probability, log-sum-exp, top-two margin) to the gradient norms.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, GroupKFold
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import Detector
-from advdetect.features import confounding_gradient_features
+from advdetect.detectors.base import DEFAULT_CS, Detector, fit_logistic, require_adversarial
+from advdetect.inference import batched_logits
+from advdetect.features import LABELS, LOSSES, NORMS, confounding_gradient_features, parameter_names
 
-# Squared gradient norms span many orders of magnitude; exact zeros (a parameter the loss
-# does not reach) are floored instead of becoming -inf.
+# Gradient norms span many orders of magnitude; exact zeros (a parameter the loss does not
+# reach) are floored instead of becoming -inf.
 _FLOOR = 1e-30
 
 
@@ -35,31 +42,70 @@ def log_features(features: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(features, _FLOOR))
 
 
+def output_statistics(logits: torch.Tensor) -> np.ndarray:
+    """Positive statistics of the logits whose logarithms are the top softmax log-probability, the
+    log-sum-exp and the log of the top-two logit margin, to sit beside gradient norms under
+    :func:`log_features`."""
+    logits = logits.double()
+    top2 = logits.topk(2, dim=1).values
+    statistics = [torch.softmax(logits, 1).max(1).values, torch.logsumexp(logits, 1).clamp(max=700).exp(),
+                  top2[:, 0] - top2[:, 1]]
+    return torch.stack(statistics, dim=1).numpy()
+
+
+class ConfoundingSignatures(Detector):
+    """The signature shared by the confounding-gradient detectors and its ablations."""
+
+    def __init__(self, label: str = "ones", loss: str = "sigmoid_bce", norm: str = "l2sq",
+                 layers: Sequence[str] = (), with_outputs: bool = False) -> None:
+        self.label = label
+        self.loss = loss
+        self.norm = norm
+        self.layers = layers
+        self.with_outputs = with_outputs
+
+    def _validate(self) -> None:
+        for what, values, valid in (("label", self.label.split("+"), LABELS), ("loss", [self.loss], LOSSES),
+                                    ("norm", [self.norm], NORMS)):
+            for value in values:
+                if value not in valid:
+                    raise ValueError(f"{self.name}: unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+    def signature_key(self) -> tuple:
+        return ("confounding_gradient", self.label, self.loss, self.norm, tuple(self.layers), self.with_outputs)
+
+    def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+        self._validate()
+        keep = slice(None)
+        if self.layers:
+            keep = [i for i, name in enumerate(parameter_names(model)) if any(fnmatch(name, p) for p in self.layers)]
+            if not keep:
+                raise ValueError(f"{self.name}: no parameter name matches layers {list(self.layers)}; "
+                                 f"names look like {parameter_names(model)[:3]}")
+        blocks = [confounding_gradient_features(model, inputs, batch_size=batch_size, label=label, loss=self.loss,
+                                                norm=self.norm).numpy()[:, keep] for label in self.label.split("+")]
+        if self.with_outputs:
+            blocks.append(output_statistics(batched_logits(model, inputs, batch_size)))
+        return np.concatenate(blocks, axis=1)
+
+
 @register_detector
-class ConfoundingGradient(Detector):
+class ConfoundingGradient(ConfoundingSignatures):
     name = "confounding_gradient"
     needs_adversarial = True
+    uses_adversarial = True
 
-    def __init__(self, Cs: Sequence[float] = tuple(10.0 ** np.arange(-3, 4)), cv: int = 5) -> None:
+    def __init__(self, label: str = "ones", loss: str = "sigmoid_bce", norm: str = "l2sq", layers: Sequence[str] = (),
+                 with_outputs: bool = False, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
+        super().__init__(label, loss, norm, layers, with_outputs)
         self.Cs = Cs
         self.cv = cv
 
-    def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
-        return confounding_gradient_features(model, inputs, batch_size=batch_size).numpy()
-
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray) -> "ConfoundingGradient":
-        n_splits = min(self.cv, len(clean), len(adversarial))
-        if n_splits < 2:
-            raise ValueError(f"need at least 2 clean and 2 adversarial inputs to fit; got {len(clean)} and {len(adversarial)}")
-        features = np.concatenate([clean, adversarial])
-        labels = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
-        paired = len(clean) == len(adversarial)
-        groups = np.r_[np.arange(len(clean)), np.arange(len(adversarial)) + (0 if paired else len(clean))]
-        pipeline = make_pipeline(FunctionTransformer(log_features), StandardScaler(), LogisticRegression(max_iter=5000))
-        search = GridSearchCV(pipeline, {"logisticregression__C": list(self.Cs)}, cv=GroupKFold(n_splits), scoring="roc_auc")
-        search.fit(features, labels, groups=groups)
-        self.pipeline_: Pipeline = search.best_estimator_
-        self.C_ = float(search.best_params_["logisticregression__C"])
+    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradient":
+        adversarial = require_adversarial(self, clean, adversarial)
+        self.pipeline_: Pipeline
+        self.pipeline_, self.C_, _ = fit_logistic(clean, adversarial, Cs=self.Cs, cv=self.cv,
+                                                  prefix=[FunctionTransformer(log_features)])
         return self
 
     def score(self, signatures: np.ndarray) -> np.ndarray:

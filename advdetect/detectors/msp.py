@@ -19,7 +19,6 @@ from advdetect.inference import batched_logits
 @register_detector
 class MaxSoftmax(Detector):
     name = "msp"
-    needs_adversarial = False
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         probabilities = torch.softmax(batched_logits(model, inputs, batch_size).double(), dim=1)

@@ -1,0 +1,31 @@
+"""Energy score: Liu, Wang, Owens and Li, "Energy-based Out-of-distribution Detection",
+NeurIPS 2020, arXiv 2010.03759.
+
+The free energy of the logits, ``E(x) = -T logsumexp(f(x) / T)``: in-distribution inputs
+have lower energy. Needs no fitting; ``T = 1`` as in the paper.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from advdetect.detectors import register_detector
+from advdetect.detectors.base import Detector
+from advdetect.inference import batched_logits
+
+
+@register_detector
+class Energy(Detector):
+    name = "energy"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+        logits = batched_logits(model, inputs, batch_size).double()
+        return (-self.temperature * torch.logsumexp(logits / self.temperature, dim=1)).numpy()[:, None]
+
+    def score(self, signatures: np.ndarray) -> np.ndarray:
+        return np.asarray(signatures)[:, 0]

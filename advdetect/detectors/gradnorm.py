@@ -1,0 +1,37 @@
+"""GradNorm: Huang, Geng and Li, "On the Importance of Gradients for Detecting Distributional
+Shifts in the Wild", NeurIPS 2021, arXiv 2110.00218.
+
+The L1 norm of the gradient, with respect to the final linear layer's weight, of the KL
+divergence between the uniform distribution and the softmax at temperature ``T`` (1 in the
+paper): in-distribution inputs give larger norms. Computed in closed form, batched: the
+weight gradient is the outer product ``(softmax(f/T) - 1/C) / T`` x ``h`` with ``h`` the
+penultimate features, so its L1 norm factors into ``|softmax - 1/C|_1 |h|_1 / T``.
+Needs no fitting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from advdetect.activations import penultimate
+from advdetect.detectors import register_detector
+from advdetect.detectors.base import Detector
+
+
+@register_detector
+class GradNorm(Detector):
+    name = "gradnorm"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+        logits, features = penultimate(model, inputs, batch_size)
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
+        output_grad = (probabilities - 1.0 / logits.shape[1]) / self.temperature
+        return (output_grad.abs().sum(dim=1) * features.abs().sum(dim=1)).numpy()[:, None]
+
+    def score(self, signatures: np.ndarray) -> np.ndarray:
+        return -np.asarray(signatures)[:, 0]

@@ -1,0 +1,125 @@
+"""Mahalanobis: Lee, Lee, Lee and Shin, "A Simple Unified Framework for Detecting
+Out-of-Distribution Samples and Adversarial Attacks", NeurIPS 2018, arXiv 1807.03888.
+
+:meth:`prepare` fits class-conditional Gaussians with a covariance shared by the classes to the
+spatially averaged activations of several hidden layers (see
+:func:`advdetect.activations.feature_layers`) and the penultimate features, on the clean
+reference inputs. The covariance is Ledoit-Wolf shrunk, since a reference set is far smaller
+than the training set the paper uses. A layer's confidence score is the largest negative
+Mahalanobis distance to a class mean, after input preprocessing: the input moves by the
+noise magnitude along the sign of the gradient that raises that score. The signature holds
+every layer's score for every noise magnitude.
+
+With adversarial calibration examples, a logistic regression combines the layers' scores (the
+paper's feature ensemble) and the noise magnitude is chosen by its cross-validated AUROC. On
+clean inputs alone there is no regression: the score is the mean of the layers' standardized
+distances, without noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from advdetect.activations import feature_layers, final_linear, layer_activations, pool, recording
+from advdetect.detectors import register_detector
+from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic
+from advdetect.inference import model_device
+
+
+@register_detector
+class Mahalanobis(Detector):
+    name = "mahalanobis"
+    uses_adversarial = True
+    needs_reference = True
+
+    def __init__(self, noises: Sequence[float] = (0.0, 0.0005, 0.001, 0.002, 0.005), num_layers: int = 4,
+                 Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
+        self.noises = noises
+        self.num_layers = num_layers
+        self.Cs = Cs
+        self.cv = cv
+
+    def _layers(self, model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+        return feature_layers(model, self.num_layers), final_linear(model)
+
+    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> "Mahalanobis":
+        layers, last = self._layers(model)
+        activations = layer_activations(model, layers, reference, batch_size, penultimate_of=last)
+        labels = labels.numpy()
+        classes = np.unique(labels)
+        self.means_, self.precisions_ = [], []
+        for features in activations:
+            features = features.numpy()
+            means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+            centered = features - means[np.searchsorted(classes, labels)]
+            self.means_.append(torch.from_numpy(means))
+            self.precisions_.append(torch.from_numpy(LedoitWolf(assume_centered=True).fit(centered).precision_))
+        return self
+
+    def signature_key(self) -> tuple:
+        return ("mahalanobis", id(self))
+
+    def _confidence(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """Largest negative Mahalanobis distance to a class mean, per input."""
+        means, precision = self.means_[layer].to(features), self.precisions_[layer].to(features)
+        diff = features[:, None, :] - means[None]
+        return -torch.einsum("ncd,de,nce->nc", diff, precision, diff).min(dim=1).values
+
+    def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+        check_is_fitted(self, "means_")
+        layers, last = self._layers(model)
+        device = model_device(model)
+        out = []
+        with recording(layers, inputs_of=last) as captured:
+            for start in range(0, len(inputs), batch_size):
+                x = inputs[start : start + batch_size].to(device)
+                columns = [[] for _ in self.noises]
+                for layer in range(len(self.means_)):
+                    x_grad = x.clone().requires_grad_(True)
+                    model(x_grad)
+                    confidence = self._confidence(layer, pool(captured[layer]).double())
+                    (grad,) = torch.autograd.grad(confidence.sum(), x_grad)
+                    with torch.no_grad():
+                        for k, noise in enumerate(self.noises):
+                            if noise:
+                                model(x + noise * grad.sign())
+                                confidence = self._confidence(layer, pool(captured[layer]).double())
+                            columns[k].append(confidence.detach().cpu())
+                out.append(torch.stack([c for noise_columns in columns for c in noise_columns], dim=1))
+        return torch.cat(out).numpy()
+
+    def _noise_block(self, signatures: np.ndarray, k: int) -> np.ndarray:
+        width = len(self.means_)
+        return np.asarray(signatures)[:, k * width : (k + 1) * width]
+
+    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Mahalanobis":
+        check_is_fitted(self, "means_")
+        if adversarial is None:
+            self.noise_index_, self.pipeline_ = 0, None
+            block = self._noise_block(clean, 0)
+            self.center_, self.scale_ = block.mean(axis=0), block.std(axis=0) + 1e-12
+            return self
+        candidates = {k: fit_logistic(self._noise_block(clean, k), self._noise_block(adversarial, k), Cs=self.Cs, cv=self.cv)
+                      for k in range(len(self.noises))}
+        self.noise_index_, self.pipeline_, self.C_ = best_by_cv(candidates)
+        return self
+
+    def score(self, signatures: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "noise_index_")
+        block = self._noise_block(signatures, self.noise_index_)
+        if self.pipeline_ is None:
+            return -((block - self.center_) / self.scale_).mean(axis=1)
+        return self.pipeline_.decision_function(block)
+
+    def fitted_params(self) -> dict[str, Any]:
+        check_is_fitted(self, "noise_index_")
+        params: dict[str, Any] = {"noise": self.noises[self.noise_index_], "layers": len(self.means_)}
+        if self.pipeline_ is not None:
+            params["C"] = self.C_
+        return params
