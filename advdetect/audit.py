@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import platform
 import time
 from dataclasses import dataclass
@@ -18,24 +17,20 @@ from torch import nn
 from advdetect.attacks import get_attack
 from advdetect.cache import AttackCache, tensor_sha256
 from advdetect.datasets import DataOptions, DataSample, load_data
-from advdetect.detectors import get_detector
+from advdetect.detectors import DETECTORS, get_detector
 from advdetect.errors import UsageError
 from advdetect.history import json_sha256, now, write_manifest
 from advdetect.inference import batched_logits, select_device
-from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.models import LoadedModel, ModelOptions, load_model
 from advdetect.progress import progress
-from advdetect.records import AttackRecord, ResultRow, RunInfo, derive_seed
+from advdetect.records import AttackRecord, RunInfo, derive_seed
 from advdetect.storage import load_arrays, read_json, save_arrays, write_json
 from advdetect.suite import AttackCell, Suite, suite_from_document
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DETECTORS = ("confounding_gradient", "msp")
-#: Below this many (clean, adversarial) pairs a detector is not fitted, or not scored.
-MIN_FIT_PAIRS = 5
-MIN_TEST_PAIRS = 10
-PROTOCOL_SEEN = "seen"
+#: Fewest clean reference inputs an audit accepts (detectors fit class statistics on them).
+MIN_REFERENCE = 20
 
 
 @dataclass
@@ -68,9 +63,17 @@ class AuditOptions:
     seed: int = 0
     device: str = "auto"
     batch_size: int = 128
-    fit_fraction: float = 0.1
-    detectors: tuple[str, ...] = DEFAULT_DETECTORS
+    fit_fraction: float = 0.2
+    #: None: every registered detector, then the suite's variants
+    detectors: tuple[str, ...] | None = None
+    n_reference: int = 256
+    noisy_negatives: bool = False
     cache_dir: Path | None = None  # None: no cache
+
+    def detector_names(self) -> tuple[str, ...]:
+        if self.detectors is not None:
+            return self.detectors
+        return (*sorted(DETECTORS), *(v.name for v in self.suite.detectors))
 
 
 def package_versions() -> dict[str, str]:
@@ -107,8 +110,12 @@ def check_compatible(model: nn.Module, sample: DataSample, device: torch.device)
 
 def prepare(options: AuditOptions) -> tuple[LoadedModel, DataSample, torch.device]:
     """Load and check everything an audit needs; raises :class:`UsageError` before any work."""
-    for name in options.detectors:
-        get_detector(name)
+    if options.n_reference < MIN_REFERENCE:
+        raise UsageError(f"--n-reference must be at least {MIN_REFERENCE}; got {options.n_reference}")
+    variants = {v.name for v in options.suite.detectors}
+    for name in options.detector_names():
+        if name not in variants:
+            get_detector(name)
     if not 0.0 < options.fit_fraction < 1.0:
         raise UsageError(f"--fit-fraction must lie strictly between 0 and 1; got {options.fit_fraction}")
     try:
@@ -118,9 +125,13 @@ def prepare(options: AuditOptions) -> tuple[LoadedModel, DataSample, torch.devic
         raise UsageError(f"device {options.device!r} is not usable here ({exc}); use auto, cpu or cuda") from None
     loaded = load_model(options.model, options.model_options)
     sample = load_data(options.data, DataOptions(n=options.n, seed=options.seed, image_size=options.image_size,
-                                                 channels=loaded.info["input_channels"]))
+                                                 channels=loaded.info["input_channels"], n_reference=options.n_reference))
     loaded.module.to(device).eval()
     loaded.info["num_classes"] = check_compatible(loaded.module, sample, device)
+    if sample.info["n_reference"] < MIN_REFERENCE:
+        raise UsageError(f"data {options.data!r} holds {sample.info['n_available']} inputs: after the {len(sample.y)} "
+                         f"audited ones only {sample.info['n_reference']} remain for the clean reference set, and "
+                         f"detectors need at least {MIN_REFERENCE}; lower --n")
     return loaded, sample, device
 
 
@@ -130,10 +141,12 @@ def start_run(run_dir: Path, options: AuditOptions, loaded: LoadedModel, sample:
     pred = batched_logits(loaded.module, sample.x, options.batch_size).argmax(dim=1)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_arrays(run_dir / "sample.npz", x=sample.x.numpy(), y=sample.y.numpy(), pred=pred.numpy())
+    save_arrays(run_dir / "reference.npz", x=sample.reference_x.numpy(), y=sample.reference_y.numpy())
     info = RunInfo(
         suite={"name": options.suite.name, "source": options.suite.source, "document": options.suite.to_dict()},
         model=loaded.info, data=sample.info, seed=options.seed, device=str(device),
-        batch_size=options.batch_size, fit_fraction=options.fit_fraction, detectors=list(options.detectors),
+        batch_size=options.batch_size, fit_fraction=options.fit_fraction, detectors=list(options.detector_names()),
+        noisy_negatives=options.noisy_negatives,
         cache_dir=None if options.cache_dir is None else str(options.cache_dir),
         clean_accuracy=float((pred == sample.y).double().mean()), versions=package_versions(),
         started_at=now(),
@@ -281,73 +294,22 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell]) -> li
     return records
 
 
+def cell_slugs(info: RunInfo) -> list[tuple[str, str]]:
+    """(key, slug) of the run's cells: the suite's attack cells, or an OOD run's sets."""
+    if "ood_sets" in info.suite:
+        return [(f"ood[{name}]", f"ood_{name}") for name in info.suite["ood_sets"]]
+    return [(cell.key, cell.slug) for cell in run_suite(info).cells()]
+
+
+def detector_variants(info: RunInfo) -> tuple:
+    return () if "ood_sets" in info.suite else run_suite(info).detectors
+
+
 def read_attack_records(run_dir: Path) -> list[AttackRecord]:
     records = []
-    for cell in run_suite(read_run(run_dir)).cells():
-        path = run_dir / "adversarial" / f"{cell.slug}.json"
+    for key, slug in cell_slugs(read_run(run_dir)):
+        path = run_dir / "adversarial" / f"{slug}.json"
         if not path.is_file():
-            raise UsageError(f"{run_dir}: attack cell {cell.key} has no results; rerun the attack stage")
+            raise UsageError(f"{run_dir}: cell {key} has no results; rerun the attack stage")
         records.append(AttackRecord.from_dict(read_json(path)))
     return records
-
-
-def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -> list[ResultRow]:
-    """Stage 2, protocol ``seen``: per cell, the (clean, adversarial) pairs of source inputs the
-    attack fooled, split by source input into a fitting part (``fit_fraction``) and a test part."""
-    info = read_run(run_dir)
-    sample = load_arrays(run_dir / "sample.npz")
-    correct = np.flatnonzero(sample["pred"] == sample["y"])
-    clean_inputs = torch.from_numpy(sample["x"][correct])
-    started = time.perf_counter()
-    detectors = {name: get_detector(name)() for name in info.detectors}
-    clean_signatures = {name: det.signatures(model, clean_inputs, batch_size=info.batch_size)
-                        for name, det in progress(detectors.items(), desc="clean signatures", unit="detector", leave=False)}
-    rows: list[ResultRow] = []
-    for done, record in enumerate(progress(records, desc="detect", unit="cell")):
-        POSITION.cell, POSITION.done, POSITION.total = record.key, done, len(records)
-        arrays = load_arrays(run_dir / "adversarial" / f"{record.slug}.npz")
-        pairs = np.flatnonzero(arrays["fooled"])  # positions among the correctly classified inputs
-        order = np.random.default_rng(derive_seed(info.seed, "split", record.key)).permutation(pairs)
-        n_fit = math.ceil(info.fit_fraction * len(order)) if len(order) else 0
-        fit, test = order[:n_fit], order[n_fit:]
-        adversarial_inputs = torch.from_numpy(arrays["x_adv"])
-        scores: dict[str, np.ndarray] = {}
-        for name, detector_prototype in detectors.items():
-            detector = type(detector_prototype)()
-            row = ResultRow(attack=record.attack, strength_name=record.strength_name, strength=record.strength,
-                            detector=name, protocol=PROTOCOL_SEEN, n_clean=len(test), n_adv=len(test),
-                            n_fit=len(fit) if detector.needs_adversarial else 0,
-                            attack_success_rate=record.attack_success_rate)
-            reason = _too_few(record, len(fit), len(test), detector.needs_adversarial)
-            if reason:
-                row.reason = reason
-                rows.append(row)
-                continue
-            adversarial_signatures = np.empty((len(arrays["fooled"]),) + clean_signatures[name].shape[1:])
-            adversarial_signatures[pairs] = detector.signatures(model, adversarial_inputs[pairs], batch_size=info.batch_size)
-            clean = clean_signatures[name]
-            if detector.needs_adversarial:
-                detector.fit(clean[fit], adversarial_signatures[fit])
-                row.detector_params = detector.fitted_params()
-            clean_scores, adversarial_scores = detector.score(clean[test]), detector.score(adversarial_signatures[test])
-            for metric, value in detection_metrics(clean_scores, adversarial_scores).items():
-                setattr(row, metric, value)
-            row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(
-                clean_scores, adversarial_scores, seed=derive_seed(info.seed, "bootstrap", record.key, name))
-            scores[f"{name}__clean"], scores[f"{name}__adversarial"] = clean_scores, adversarial_scores
-            rows.append(row)
-        save_arrays(run_dir / "scores" / f"{record.slug}.npz", **scores)
-    write_json(run_dir / "detection.json", [row.to_dict() for row in rows])
-    update_run(run_dir, ("detect", time.perf_counter() - started))
-    return rows
-
-
-def _too_few(record: AttackRecord, n_fit: int, n_test: int, needs_fit: bool) -> str | None:
-    if record.n_fooled == 0:
-        return f"the attack fooled none of the {record.n_attacked} correctly classified inputs"
-    if n_test < MIN_TEST_PAIRS or (needs_fit and n_fit < MIN_FIT_PAIRS):
-        need = f"{MIN_FIT_PAIRS} to fit and {MIN_TEST_PAIRS} to test" if needs_fit else f"{MIN_TEST_PAIRS} to test"
-        return (f"too few adversarial examples: the attack fooled {record.n_fooled} of {record.n_attacked} inputs "
-                f"({n_fit} pairs to fit, {n_test} to test); the detector needs at least {need} "
-                f"(raise --n or the strength)")
-    return None

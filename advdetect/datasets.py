@@ -8,7 +8,9 @@
 - ``svhn:ROOT``: ``test_32x32.mat``.
 - ``npz:FILE``: ``x`` as uint8 NHWC or float NCHW in [0, 1], and ``y``.
 
-``--n`` draws a seeded, class-stratified sample before any image is decoded.
+``--n`` draws a seeded, class-stratified sample before any image is decoded; up to
+``--n-reference`` further inputs, disjoint from it and drawn the same way, form the clean
+reference set that detectors fit on (class-conditional Gaussians, densities, one-class fits).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class DataOptions:
     image_size: int | None = None
     #: channels the model takes; folder images are converted to them (RGB or grayscale)
     channels: int | None = None
+    n_reference: int = 0
 
 
 @dataclass
@@ -41,6 +44,8 @@ class DataSample:
     x: torch.Tensor
     y: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    reference_x: torch.Tensor | None = None
+    reference_y: torch.Tensor | None = None
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -249,7 +254,23 @@ def load_data(spec: str, options: DataOptions = DataOptions()) -> DataSample:
         index = stratified_indices(labels, options.n, options.seed)
     else:
         index = np.arange(len(labels))
-    x = _match_channels(source.images(index), options.channels, spec)
+    rest = np.setdiff1d(np.arange(len(labels)), index)
+    reference = rest[stratified_indices(labels[rest], min(options.n_reference, len(rest)), options.seed + 1)]
+    both = _images(source, np.r_[index, reference], kind, spec, options)
+    x, reference_x = both[: len(index)], both[len(index) :]
+    info = {"spec": spec, "n": int(len(index)), "n_available": int(len(labels)), "n_reference": int(len(reference)),
+            "shape": list(x.shape[1:]), "num_classes": int(len(np.unique(labels))), "sample_seed": options.seed,
+            **source.info}
+    return DataSample(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels[index]), info,
+                      torch.from_numpy(np.ascontiguousarray(reference_x)), torch.from_numpy(labels[reference]))
+
+
+def _images(source: _Source, index: np.ndarray, kind: str, spec: str, options: DataOptions) -> np.ndarray:
+    order = np.argsort(index, kind="stable")  # loaders read indices in ascending order
+    x = np.empty(0)
+    if len(index):
+        x = source.images(index[order])[np.argsort(order)]
+    x = _match_channels(x, options.channels, spec)
     if options.image_size and kind != "folder" and x.shape[2:] != (options.image_size, options.image_size):
         x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(options.image_size,) * 2, mode="bilinear",
                                             align_corners=False).clamp(0, 1).numpy()
@@ -257,6 +278,4 @@ def load_data(spec: str, options: DataOptions = DataOptions()) -> DataSample:
     if low < 0.0 or high > 1.0:
         raise UsageError(f"data {spec!r} has values in [{low:.3g}, {high:.3g}]; images must lie in [0, 1] "
                          f"(uint8 images are scaled by 1/255)")
-    info = {"spec": spec, "n": int(len(index)), "n_available": int(len(labels)), "shape": list(x.shape[1:]),
-            "num_classes": int(len(np.unique(labels))), "sample_seed": options.seed, **source.info}
-    return DataSample(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels[index]), info)
+    return x

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_accuracy")
+METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "tnr_at_95tpr", "detection_accuracy")
 
 
 def detection_metrics(clean_scores: np.ndarray, adversarial_scores: np.ndarray) -> dict[str, float]:
     """AUROC; AUPR-in (clean as positive, scores negated); AUPR-out (adversarial as positive);
     FPR at 95% TPR (the smallest false-positive rate at which at least 95% of adversarial inputs
-    are flagged); detection accuracy (the best balanced accuracy over thresholds,
+    are flagged); TNR at 95% TPR (one minus it: the share of clean inputs passed at that
+    threshold); detection accuracy (the best balanced accuracy over thresholds,
     max 0.5 * (TPR + 1 - FPR), as in Liang et al. 2018 and Lee et al. 2018)."""
     clean_scores = np.asarray(clean_scores, dtype=np.float64).ravel()
     adversarial_scores = np.asarray(adversarial_scores, dtype=np.float64).ravel()
@@ -25,11 +26,13 @@ def detection_metrics(clean_scores: np.ndarray, adversarial_scores: np.ndarray) 
     labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(adversarial_scores))]
     scores = np.r_[clean_scores, adversarial_scores]
     fpr, tpr, _ = roc_curve(labels, scores)
+    fpr_at_95tpr = float(fpr[np.searchsorted(tpr, 0.95, side="left")])
     return {
         "auroc": float(roc_auc_score(labels, scores)),
-        "aupr_in": float(average_precision_score(1 - labels, -scores)),
-        "aupr_out": float(average_precision_score(labels, scores)),
-        "fpr_at_95tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+        "aupr_in": min(1.0, float(average_precision_score(1 - labels, -scores))),  # rounding can pass 1
+        "aupr_out": min(1.0, float(average_precision_score(labels, scores))),
+        "fpr_at_95tpr": fpr_at_95tpr,
+        "tnr_at_95tpr": 1.0 - fpr_at_95tpr,
         "detection_accuracy": float(np.max(0.5 * (tpr + 1.0 - fpr))),
     }
 

@@ -4,8 +4,10 @@ Run folder layout (every file written atomically):
 
 - ``run.json``: :class:`RunInfo`, what was audited and how; stage timings.
 - ``sample.npz``: the audited inputs ``x`` (float32, [0, 1]), labels ``y``, clean predictions ``pred``.
+- ``reference.npz``: clean reference inputs ``x`` and labels ``y``, disjoint from the sample.
 - ``adversarial/<cell>.npz`` and ``.json``: one attack cell's outputs and :class:`AttackRecord`.
-- ``detection.json``: :class:`ResultRow` list; ``scores/<cell>.npz``: test scores per detector.
+- ``detection.json``: :class:`ResultRow` list; ``scores/<cell>.npz``: test scores, keyed
+  ``<protocol>__<detector>__clean`` and ``..__adversarial``.
 - ``results.json``, ``report.html``, ``report.pdf``: the report stage's outputs.
 """
 
@@ -48,6 +50,7 @@ class RunInfo(Record):
     versions: dict[str, str]
     started_at: str
     cache_dir: str | None = None
+    noisy_negatives: bool = False
     attack_cache_hits: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -89,6 +92,8 @@ class ResultRow(Record):
     aupr_in: float | None = None
     aupr_out: float | None = None
     fpr_at_95tpr: float | None = None
+    tnr_at_95tpr: float | None = None
     detection_accuracy: float | None = None
+    negatives: str = "clean"
     reason: str | None = None
     detector_params: dict[str, Any] = field(default_factory=dict)

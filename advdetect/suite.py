@@ -18,6 +18,12 @@ Thresholds turn an audit into a test (``advdetect check``)::
     max_attack_success_rate = 0.5       # the model's robustness floor, every cell
 
 and an ``[attack.thresholds]`` table after an ``[[attack]]`` overrides them for that attack.
+
+Detector variants (ablations) run beside the registered detectors under a name of their own::
+
+    [detector.cg_softmax]
+    base = "confounding_gradient"   # a registered detector
+    loss = "softmax_bce"            # any of its constructor arguments
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Scalar = int | float | str | bool
-TOP_LEVEL_KEYS = ("description", "thresholds", "attack")
+TOP_LEVEL_KEYS = ("description", "thresholds", "attack", "detector")
 DEFAULT_THRESHOLD_DETECTOR = "confounding_gradient"
 
 
@@ -127,12 +133,25 @@ class AttackSpec:
 
 
 @dataclass(frozen=True)
+class DetectorVariant:
+    """A registered detector under another name, with other constructor arguments."""
+
+    name: str
+    base: str
+    params: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}}
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     source: str
     description: str
     attacks: tuple[AttackSpec, ...]
     thresholds: Thresholds = Thresholds()
+    detectors: tuple[DetectorVariant, ...] = ()
 
     def thresholds_for(self, attack: str) -> Thresholds:
         """Effective thresholds of one attack: the suite's, overridden by the attack's own."""
@@ -154,13 +173,15 @@ class Suite:
             )
         wanted = {a.lower() for a in attack_ids}
         return Suite(self.name, self.source, self.description, tuple(s for s in self.attacks if s.attack in wanted),
-                     self.thresholds)
+                     self.thresholds, self.detectors)
 
     def to_dict(self) -> dict[str, Any]:
         """The suite as a TOML-shaped document; :func:`suite_from_document` reads it back."""
         doc: dict[str, Any] = {"description": self.description, "attack": [spec.to_dict() for spec in self.attacks]}
         if self.thresholds != Thresholds():
             doc["thresholds"] = self.thresholds.to_dict()
+        if self.detectors:
+            doc["detector"] = {v.name: v.to_dict() for v in self.detectors}
         return doc
 
 
@@ -212,7 +233,34 @@ def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
     if duplicates:
         raise UsageError(f"{source}: attack {', '.join(duplicates)} appears twice; give each an 'id' = \"...\" of its own")
     thresholds = _parse_thresholds(doc.get("thresholds", {}), f"{source}: [thresholds]")
-    return Suite(name=name, source=source, description=description, attacks=tuple(specs), thresholds=thresholds)
+    variants = doc.get("detector", {})
+    if not isinstance(variants, dict) or not all(isinstance(t, dict) for t in variants.values()):
+        raise UsageError(f"{source}: detector variants are tables: [detector.NAME] with base = \"...\" and arguments")
+    detectors = tuple(_parse_detector(n, t, f"{source}: [detector.{n}]") for n, t in variants.items())
+    return Suite(name=name, source=source, description=description, attacks=tuple(specs), thresholds=thresholds,
+                 detectors=detectors)
+
+
+def _parse_detector(name: str, table: dict[str, Any], where: str) -> DetectorVariant:
+    from advdetect.detectors import DETECTORS, get_detector
+
+    if name in DETECTORS or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise UsageError(f"{where}: a variant needs a name of its own (letters, digits, '.', '_', '-'), "
+                         f"not a registered detector's")
+    table = dict(table)
+    base = table.pop("base", None)
+    if not isinstance(base, str):
+        raise UsageError(f"{where}: missing 'base', the registered detector it varies (one of {', '.join(sorted(DETECTORS))})")
+    valid = sorted(get_detector(base)().get_params())
+    unknown = [k for k in table if k not in valid]
+    if unknown:
+        raise UsageError(f"{where}: unknown argument(s) {', '.join(unknown)} for {base}; valid: {', '.join(valid)}")
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    try:
+        get_detector(base)(**params)._validate()
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return DetectorVariant(name=name, base=base, params=params)
 
 
 def _parse_attack(table: dict[str, Any], where: str) -> AttackSpec:

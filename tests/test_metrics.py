@@ -20,7 +20,8 @@ def test_hand_computed_case():
 
 def test_perfect_and_inverted_detectors():
     perfect = detection_metrics(np.array([0.0, 0.1, 0.2]), np.array([0.5, 0.9]))
-    assert perfect == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr_at_95tpr": 0.0, "detection_accuracy": 1.0}
+    assert perfect == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr_at_95tpr": 0.0, "tnr_at_95tpr": 1.0,
+                       "detection_accuracy": 1.0}
     inverted = detection_metrics(np.array([0.5, 0.9]), np.array([0.0, 0.1, 0.2]))
     assert inverted["auroc"] == 0.0 and inverted["fpr_at_95tpr"] == 1.0 and inverted["detection_accuracy"] == 0.5
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from advdetect.errors import UsageError
@@ -110,3 +112,27 @@ def test_thresholds_apply_suite_wide_with_per_attack_overrides():
 def test_invalid_thresholds(text, message):
     with pytest.raises(UsageError, match=message):
         parse(text)
+
+
+def test_detector_variants_parse_and_round_trip():
+    text = PGD + '[detector.cg_softmax]\nbase = "confounding_gradient"\nloss = "softmax_bce"\nlayers = ["head.*"]\n'
+    suite = parse_suite(text, "s", "s.toml")
+    (variant,) = suite.detectors
+    assert (variant.name, variant.base, variant.params) == ("cg_softmax", "confounding_gradient",
+                                                            {"loss": "softmax_bce", "layers": ("head.*",)})
+    assert suite_from_document(suite.to_dict(), "s", "s.toml") == suite
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ('[detector.msp]\nbase = "msp"\n', "a name of its own"),
+        ('[detector.x]\nloss = "softmax_bce"\n', "missing 'base'"),
+        ('[detector.x]\nbase = "nope"\n', "unknown detector 'nope'"),
+        ('[detector.x]\nbase = "confounding_gradient"\nlos = "softmax_bce"\n', "unknown argument(s) los for confounding_gradient"),
+        ('[detector.x]\nbase = "confounding_gradient"\nlabel = "zeros"\n', "unknown label 'zeros'"),
+    ],
+)
+def test_invalid_detector_variants(variant, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_suite(PGD + variant, "s", "s.toml")

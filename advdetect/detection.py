@@ -1,0 +1,215 @@
+"""Stage 2, detection: every detector on every attack cell, under three protocols.
+
+The correctly classified audited inputs are split once, by source input, into a calibration
+part (``fit_fraction``) and a test part; every cell tests on the (clean, adversarial) pairs of
+test sources the attack fooled, so rows are comparable across detectors and protocols.
+
+- ``seen``: supervised detectors fit on the cell's own calibration pairs (the attack is known).
+- ``unseen``: they fit once, on the calibration pairs of the suite's first attack at its middle
+  strength, and score every other cell (the attack is not known in advance).
+- ``oneclass``: detectors that can fit without adversarial examples fit on the clean reference
+  inputs alone (no adversarial example at hand).
+
+Detectors that use no adversarial examples fit on the reference inputs under ``seen`` too. With
+``noisy_negatives`` (the control of Feinman et al. 2017 and Ma et al. 2018), each clean input
+gets a Gaussian-noise copy as far from it in L2 as its adversarial example, and the negatives
+of both fitting and testing are the clean inputs and these copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from advdetect.audit import POSITION, detector_variants, read_run, update_run
+from advdetect.detectors import Detector, build_detector
+from advdetect.errors import Unavailable
+from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
+from advdetect.progress import progress
+from advdetect.records import AttackRecord, ResultRow, derive_seed
+from advdetect.storage import load_arrays, save_arrays, write_json
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("seen", "unseen", "oneclass")
+#: Below this many (clean, adversarial) pairs a detector is not fitted, or not scored.
+MIN_FIT_PAIRS = 5
+MIN_TEST_PAIRS = 10
+
+
+def unseen_source(records: list[AttackRecord]) -> AttackRecord:
+    """The suite's first attack at its middle strength."""
+    first = [r for r in records if r.attack == records[0].attack]
+    return first[len(first) // 2]
+
+
+def noisy_copies(clean: torch.Tensor, adversarial: torch.Tensor, seed: int) -> torch.Tensor:
+    """Gaussian-noise copies of ``clean``, each as far from its source in L2 as its adversarial
+    example is (before clipping to [0, 1])."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(clean.shape, generator=generator)
+    distance = (adversarial - clean).flatten(1).norm(dim=1)
+    noise *= (distance / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (clean.ndim - 1))
+    return (clean + noise).clamp(0, 1)
+
+
+@dataclass
+class _Signatures:
+    """Signatures computed once per (signature key, input set) and shared by detectors."""
+
+    model: nn.Module
+    batch_size: int
+    store: dict[tuple, np.ndarray] = field(default_factory=dict)
+
+    def get(self, detector: Detector, what: str, inputs: torch.Tensor) -> np.ndarray:
+        key = (detector.signature_key(), what)
+        if key not in self.store:
+            self.store[key] = detector.signatures(self.model, inputs, batch_size=self.batch_size)
+        return self.store[key]
+
+
+def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -> list[ResultRow]:
+    info = read_run(run_dir)
+    variants = detector_variants(info)
+    sample = load_arrays(run_dir / "sample.npz")
+    reference = load_arrays(run_dir / "reference.npz")
+    correct = np.flatnonzero(sample["pred"] == sample["y"])
+    clean_inputs = torch.from_numpy(sample["x"][correct])
+    reference_inputs, reference_labels = torch.from_numpy(reference["x"]), torch.from_numpy(reference["y"])
+    calibration = np.zeros(len(correct), dtype=bool)
+    order = np.random.default_rng(derive_seed(info.seed, "calibration")).permutation(len(correct))
+    calibration[order[: math.ceil(info.fit_fraction * len(correct))]] = True
+    started = time.perf_counter()
+    signatures = _Signatures(model, info.batch_size)
+
+    detectors: dict[str, Detector] = {}
+    unavailable: dict[str, str] = {}
+    for name in progress(info.detectors, desc="prepare detectors", unit="detector", leave=False):
+        detector = build_detector(name, variants)
+        try:
+            detector.prepare(model, reference_inputs, reference_labels, batch_size=info.batch_size)
+            signatures.get(detector, "clean", clean_inputs)
+            detectors[name] = detector
+        except Unavailable as exc:
+            unavailable[name] = f"{name} cannot run on this model: {exc}"
+            log.warning(unavailable[name])
+
+    source = unseen_source(records)
+    cells = [_Cell(run_dir, r, calibration, info.seed, info.noisy_negatives, clean_inputs) for r in records]
+    rows: list[ResultRow] = []
+    scores: dict[str, dict[str, np.ndarray]] = {r.key: {} for r in records}
+    for name in progress(info.detectors, desc="detect", unit="detector"):
+        detector = detectors.get(name) or build_detector(name, variants)
+        for protocol in _protocols(detector):
+            supervised = detector.uses_adversarial and protocol != "oneclass"
+            fitted_once = False
+            for done, cell in enumerate(cells):
+                record = cell.record
+                POSITION.cell, POSITION.done, POSITION.total = f"{record.key}, {name}, {protocol}", done, len(cells)
+                if protocol == "unseen" and record is source:
+                    continue
+                fit_cell = cells[records.index(source)] if protocol == "unseen" else cell
+                row = ResultRow(attack=record.attack, strength_name=record.strength_name, strength=record.strength,
+                                detector=name, protocol=protocol, n_clean=cell.n_negatives(cell.test),
+                                n_adv=len(cell.test), n_fit=len(fit_cell.fit) if supervised else 0,
+                                attack_success_rate=record.attack_success_rate,
+                                negatives="clean+noise" if info.noisy_negatives else "clean")
+                rows.append(row)
+                row.reason = unavailable.get(name) or _too_few(record, len(cell.test), fit_cell.record,
+                                                               len(fit_cell.fit), supervised)
+                if row.reason:
+                    continue
+                if not supervised and not fitted_once:
+                    detector.fit(signatures.get(detector, "reference", reference_inputs))
+                elif supervised and not (protocol == "unseen" and fitted_once):
+                    detector.fit(fit_cell.negatives(signatures, detector, fit_cell.fit),
+                                 fit_cell.adversarial(signatures, detector, fit_cell.fit))
+                fitted_once = True
+                row.detector_params = detector.fitted_params()
+                if protocol == "unseen":
+                    row.detector_params["fitted_on"] = source.key
+                clean_scores = detector.score(cell.negatives(signatures, detector, cell.test))
+                adversarial_scores = detector.score(cell.adversarial(signatures, detector, cell.test))
+                for metric, value in detection_metrics(clean_scores, adversarial_scores).items():
+                    setattr(row, metric, value)
+                row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(
+                    clean_scores, adversarial_scores, seed=derive_seed(info.seed, "bootstrap", record.key, name, protocol))
+                scores[record.key][f"{protocol}__{name}__clean"] = clean_scores
+                scores[record.key][f"{protocol}__{name}__adversarial"] = adversarial_scores
+    for record in records:
+        save_arrays(run_dir / "scores" / f"{record.slug}.npz", **scores[record.key])
+    order = {(r.key, n, p): i for i, (r, n, p) in enumerate(
+        (r, n, p) for r in records for n in info.detectors for p in PROTOCOLS)}
+    key_of = {(r.attack, r.strength): r.key for r in records}
+    rows.sort(key=lambda row: order[(key_of[(row.attack, row.strength)], row.detector, row.protocol)])
+    write_json(run_dir / "detection.json", [row.to_dict() for row in rows])
+    update_run(run_dir, ("detect", time.perf_counter() - started))
+    return rows
+
+
+def _protocols(detector: Detector) -> list[str]:
+    protocols = ["seen"]
+    if detector.uses_adversarial:
+        protocols.append("unseen")
+    if not detector.needs_adversarial:
+        protocols.append("oneclass")
+    return protocols
+class _Cell:
+    """One attack cell's inputs, split into calibration and test pairs, loaded on first use."""
+
+    def __init__(self, run_dir: Path, record: AttackRecord, calibration: np.ndarray, seed: int, noisy: bool,
+                 clean_inputs: torch.Tensor) -> None:
+        self.record, self.run_dir, self.seed, self.noisy, self.clean_inputs = record, run_dir, seed, noisy, clean_inputs
+        fooled = load_arrays(run_dir / "adversarial" / f"{record.slug}.npz")["fooled"] if record.n_fooled else \
+            np.zeros(len(calibration), dtype=bool)
+        self.fit, self.test = np.flatnonzero(fooled & calibration), np.flatnonzero(fooled & ~calibration)
+        self._pairs = np.flatnonzero(fooled)
+
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_adv = torch.from_numpy(load_arrays(self.run_dir / "adversarial" / f"{self.record.slug}.npz")["x_adv"])[self._pairs]
+        noisy = None
+        if self.noisy:
+            noisy = noisy_copies(self.clean_inputs[self._pairs], x_adv, derive_seed(self.seed, "noise", self.record.key))
+        return x_adv, noisy
+
+    def _rows(self, signatures: _Signatures, detector: Detector, what: str) -> np.ndarray:
+        key = (detector.signature_key(), f"{what}:{self.record.key}")
+        if key not in signatures.store:
+            x_adv, noisy = self._inputs()
+            signatures.get(detector, f"adversarial:{self.record.key}", x_adv)
+            if noisy is not None:
+                signatures.get(detector, f"noisy:{self.record.key}", noisy)
+        full = np.full((len(self.clean_inputs),) + signatures.store[key].shape[1:], np.nan)
+        full[self._pairs] = signatures.store[key]
+        return full
+
+    def adversarial(self, signatures: _Signatures, detector: Detector, rows: np.ndarray) -> np.ndarray:
+        return self._rows(signatures, detector, "adversarial")[rows]
+
+    def negatives(self, signatures: _Signatures, detector: Detector, rows: np.ndarray) -> np.ndarray:
+        clean = signatures.store[(detector.signature_key(), "clean")][rows]
+        return np.concatenate([clean, self._rows(signatures, detector, "noisy")[rows]]) if self.noisy else clean
+
+    def n_negatives(self, rows: np.ndarray) -> int:
+        return len(rows) * (2 if self.noisy else 1)
+
+
+def _too_few(record: AttackRecord, n_test: int, fit_record: AttackRecord, n_fit: int, supervised: bool) -> str | None:
+    if record.n_fooled == 0:
+        return f"the attack fooled none of the {record.n_attacked} correctly classified inputs"
+    if supervised and fit_record.key != record.key and n_fit < MIN_FIT_PAIRS:
+        return (f"too few adversarial examples to fit on {fit_record.key} ({n_fit} pairs, {MIN_FIT_PAIRS} needed); "
+                f"raise --n, --fit-fraction or that cell's strength")
+    if n_test < MIN_TEST_PAIRS or (supervised and n_fit < MIN_FIT_PAIRS):
+        need = f"{MIN_FIT_PAIRS} to fit and {MIN_TEST_PAIRS} to test" if supervised else f"{MIN_TEST_PAIRS} to test"
+        return (f"too few adversarial examples: the attack fooled {record.n_fooled} of {record.n_attacked} inputs "
+                f"({n_fit if supervised else 0} pairs to fit, {n_test} to test); the detector needs at least {need} "
+                f"(raise --n or the strength)")
+    return None
