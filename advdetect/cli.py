@@ -32,10 +32,11 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    """What to audit and how: shared by ``audit`` and ``check``."""
-    parser.add_argument("suite", nargs="?", default="default",
-                        help="a suite TOML file, or the name of a built-in suite (default: %(default)s)")
+def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) -> None:
+    """What to audit and how: shared by ``audit``, ``check`` and ``ood``."""
+    if suite:
+        parser.add_argument("suite", nargs="?", default="default",
+                            help="a suite TOML file, or the name of a built-in suite (default: %(default)s)")
     parser.add_argument("--model", default="default",
                         help="default, robustbench:NAME, file.py:Callable, package.module:Callable or a TorchScript "
                              "file.pt (default: the embedded MNIST CNN)")
@@ -54,14 +55,22 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
     parser.add_argument("--n", type=_positive_int, default=256,
                         help="inputs to audit, a seeded class-stratified sample (default: %(default)s)")
-    parser.add_argument("--attacks", help="comma-separated attack ids: run only these attacks of the suite")
-    parser.add_argument("--detectors", default="confounding_gradient,msp",
-                        help="comma-separated detector names (default: %(default)s)")
+    if suite:
+        parser.add_argument("--attacks", help="comma-separated attack ids: run only these attacks of the suite")
+    parser.add_argument("--detectors",
+                        help="comma-separated detector names, registered or the suite's [detector.NAME] variants "
+                             "(default: all registered, then the suite's variants)")
+    parser.add_argument("--n-reference", type=_positive_int, default=256,
+                        help="clean reference inputs, drawn from the data beside the audited ones, that detectors "
+                             "fit class statistics and one-class models on (default: %(default)s)")
+    parser.add_argument("--noisy-negatives", action="store_true",
+                        help="control: add Gaussian-noise copies of the clean inputs, as far in L2 as their "
+                             "adversarial examples, to the negatives")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling, attacks and splits (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive_int, default=128, help="batch size for attacks and features")
-    parser.add_argument("--fit-fraction", type=float, default=0.1,
-                        help="share of fooled source inputs that fit the detector (default: %(default)s)")
+    parser.add_argument("--fit-fraction", type=float, default=0.2,
+                        help="share of the correctly classified inputs whose (clean, adversarial) pairs calibrate the detectors; the rest test them (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="run folder to create (default: reports/<timestamp>)")
     parser.add_argument("--cache-dir", type=Path,
                         help="where adversarial inputs are cached between runs (default: <user cache>/advdetect/attacks)")
@@ -86,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(check)
     check.add_argument("--junitxml", type=Path, help="also write the checks as JUnit XML, for CI systems")
     check.set_defaults(func=cmd_check)
+
+    ood = commands.add_parser("ood", help="out-of-distribution detection: clean inputs against OOD sets",
+                              description="Score the audited clean inputs against out-of-distribution sets with the "
+                                          "same detectors, protocols, metrics and report as an audit; each set takes "
+                                          "the place of an attack cell.")
+    add_audit_arguments(ood, suite=False)
+    ood.add_argument("--sets", default="uniform,corrupted,photos,digits",
+                     help="comma-separated OOD sets: uniform, corrupted, photos, digits, or data specs such as "
+                          "npz:FILE (default: %(default)s)")
+    ood.set_defaults(func=cmd_ood)
 
     history = commands.add_parser("history", help="list the audit runs under an output root")
     history.add_argument("root", type=Path, nargs="?", default=Path("reports"), help="output root (default: %(default)s)")
@@ -136,10 +155,10 @@ def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from advdetect.audit import AuditOptions
     from advdetect.cache import default_cache_dir
     from advdetect.models import ModelOptions
-    from advdetect.suite import load_suite
+    from advdetect.suite import Suite, load_suite
 
-    suite = load_suite(args.suite)
-    if args.attacks:
+    suite = load_suite(args.suite) if hasattr(args, "suite") else Suite("ood", "advdetect ood", "", ())
+    if getattr(args, "attacks", None):
         suite = suite.select([a.strip() for a in args.attacks.split(",") if a.strip()])
     model_options = ModelOptions(weights=args.weights, dataset=Dataset(args.dataset),
                                  threat_model=ThreatModel(args.threat_model), model_dir=args.model_dir,
@@ -147,13 +166,15 @@ def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return AuditOptions(suite=suite, model=args.model, model_options=model_options, data=args.data, n=args.n,
                         image_size=args.image_size, seed=args.seed, device=args.device, batch_size=args.batch_size,
                         fit_fraction=args.fit_fraction,
-                        detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()),
+                        detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()) if args.detectors else None,
+                        n_reference=args.n_reference, noisy_negatives=args.noisy_negatives,
                         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()))
 
 
 def run_audit(options, out: Path | None) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
     """Every stage of an audit into a new run folder; raises KeyboardInterrupt after saying where it stopped."""
-    from advdetect.audit import POSITION, attack_stage, detect_stage, prepare, start_run
+    from advdetect.audit import POSITION, attack_stage, prepare, start_run
+    from advdetect.detection import detect_stage
     from advdetect.history import now, write_manifest
     from advdetect.report import write_report
 
@@ -193,6 +214,49 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ood(args: argparse.Namespace) -> int:
+    from advdetect.audit import POSITION, prepare, start_run, update_run
+    from advdetect.detection import detect_stage
+    from advdetect.history import now, write_manifest
+    from advdetect.ood import BUILTIN_SETS, ood_inputs, ood_stage, set_name
+    from advdetect.report import write_report
+
+    started = time.perf_counter()
+    options = audit_options(args)
+    specs = [s.strip() for s in args.sets.split(",") if s.strip()]
+    names = [set_name(s) for s in specs]
+    if not specs or len(set(names)) != len(names):
+        raise UsageError(f"--sets needs distinct out-of-distribution sets; got {args.sets!r}")
+    for spec in specs:
+        if spec not in BUILTIN_SETS and ":" not in spec:
+            raise UsageError(f"unknown out-of-distribution set {spec!r}; give one of {', '.join(BUILTIN_SETS)} "
+                             f"or a data spec such as npz:FILE or folder:DIR")
+    loaded, sample, device = prepare(options)
+    for spec in specs:  # fail on a bad set before any output
+        ood_inputs(spec, sample.x[:2], options.seed)
+    run_dir = _new_run_dir(args.out)
+    POSITION.stage, POSITION.cell = "load", None
+    try:
+        start_run(run_dir, options, loaded, sample, device)
+        update_run(run_dir, suite={"name": "ood", "source": "advdetect ood", "ood_sets": names, "specs": specs,
+                                   "document": {"description": "out-of-distribution sets", "attack": []}})
+        POSITION.stage = "ood"
+        records = ood_stage(run_dir, specs, options.seed)
+        POSITION.stage = "detect"
+        detect_stage(run_dir, loaded.module, records)
+        POSITION.stage, POSITION.cell = "report", None
+        document = write_report(run_dir)
+    except BaseException as exc:
+        if (run_dir / "run.json").is_file():
+            write_manifest(run_dir, status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                           ended_at=now(), stopped_in=POSITION.describe())
+        raise
+    write_manifest(run_dir, status="complete", ended_at=now(), timings=document["timings"])
+    print_summary(document)
+    print(f"\nwrote {run_dir}/report.html, report.pdf and results.json in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from advdetect.checks import FAILED, closing_line, evaluate, junit_xml, plan_checks
     from advdetect.history import write_manifest
@@ -204,7 +268,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not checks:
         raise UsageError(f"suite {options.suite.name!r} has no thresholds to check; add a [thresholds] table "
                          f"with min_auroc and/or max_attack_success_rate")
-    missing = sorted({c.detector for c in checks if c.detector and c.detector not in options.detectors})
+    missing = sorted({c.detector for c in checks if c.detector and c.detector not in options.detector_names()})
     if missing:
         raise UsageError(f"the thresholds check detector(s) {', '.join(missing)}, which --detectors does not run")
     run_dir, document = run_audit(options, args.out)
@@ -253,16 +317,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise UsageError(f"{run} has no results.json; give two finished audit run folders")
         documents.append(read_json(run / "results.json"))
     differences = compare(*documents)
-    table = [[d.cell, d.detector or "-", d.metric, f"{d.before:.3f}", f"{d.after:.3f}", f"{d.delta:+.3f}",
+    table = [[d.cell, d.detector or "-", d.protocol or "-", d.metric, f"{d.before:.3f}", f"{d.after:.3f}", f"{d.delta:+.3f}",
               "REGRESSION" if d.regression else ""] for d in differences]
-    _print_table(["cell", "detector", "metric", "A", "B", "B - A", ""], table)
+    _print_table(["cell", "detector", "protocol", "metric", "A", "B", "B - A", ""], table)
     regressions = sum(d.regression for d in differences)
     print(f"\n{len(differences)} metrics compared, {regressions} regression(s) of {args.run_b} against {args.run_a}")
     return 1 if regressions else 0
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from advdetect.audit import detect_stage, read_attack_records, read_run, reload_model
+    from advdetect.audit import read_attack_records, read_run, reload_model
+    from advdetect.detection import detect_stage
     from advdetect.report import write_report
 
     model = reload_model(read_run(args.run_dir))
@@ -298,6 +363,7 @@ def print_summary(document: dict) -> None:
     from advdetect.report import summary_table
 
     print(f"clean accuracy {document['clean_accuracy']:.3f} on {document['data']['n']} inputs of {document['data']['spec']}")
+    print("AUROC per detector, protocol seen (* best of the row); every protocol is in the report and results.json")
     _print_table(*summary_table(document))
 
 

@@ -84,6 +84,7 @@ class Difference:
     before: float | None
     after: float | None
     regression: bool
+    protocol: str | None = None
 
     @property
     def delta(self) -> float | None:
@@ -112,7 +113,7 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> list[Difference]:
             continue
         high = row.get("auroc_ci_high")
         differences.append(Difference(_cell(row), row["detector"], "auroc", old["auroc"], row["auroc"],
-                                      high is not None and high < old["auroc"]))
+                                      high is not None and high < old["auroc"], row["protocol"]))
     return differences
 
 
@@ -128,10 +129,12 @@ def trend(run_dir: Path, current: dict[str, Any], limit: int = 10) -> dict[str, 
             match = next((r for r in run.results["results"] if _cell(r) == _cell(row)  # type: ignore[index]
                           and r["detector"] == row["detector"] and r["protocol"] == row["protocol"]), None)
             history.append(None if match is None else match["auroc"])
-        rows.append({"cell": _cell(row), "detector": row["detector"], "history": history, "current": row["auroc"]})
-    flagged = {(d.cell, d.detector, d.metric) for d in compare(runs[-1].results, current) if d.regression}  # type: ignore[arg-type]
+        rows.append({"cell": _cell(row), "detector": row["detector"], "protocol": row["protocol"], "history": history,
+                     "current": row["auroc"]})
+    flagged = {(d.cell, d.detector, d.protocol, d.metric) for d in compare(runs[-1].results, current)  # type: ignore[arg-type]
+               if d.regression}
     for row in rows:
-        row["regression"] = (row["cell"], row["detector"], "auroc") in flagged
-    asr_regressions = sorted(cell for cell, detector, metric in flagged if metric == "attack_success_rate")
+        row["regression"] = (row["cell"], row["detector"], row["protocol"], "auroc") in flagged
+    asr_regressions = sorted(cell for cell, _, _, metric in flagged if metric == "attack_success_rate")
     return {"runs": [r.path.name for r in runs], "rows": rows, "asr_regressions": asr_regressions,
             "regressions": len(flagged)}

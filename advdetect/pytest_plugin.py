@@ -21,6 +21,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--advdetect-model", metavar="SPEC", help="model spec (default: the embedded model)")
     group.addoption("--advdetect-weights", metavar="FILE", help="state_dict for the model spec")
     group.addoption("--advdetect-data", metavar="SPEC", help="data spec (default: the embedded data)")
+    group.addoption("--advdetect-detectors", metavar="NAMES", help="comma-separated detectors (default: all)")
     group.addoption("--advdetect-out", metavar="DIR", help="run folder (default: reports/<timestamp>)")
 
 
@@ -83,7 +84,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
     argv = ["check", suite]
     for option, flag in (("advdetect_n", "--n"), ("advdetect_model", "--model"), ("advdetect_weights", "--weights"),
-                         ("advdetect_data", "--data")):
+                         ("advdetect_data", "--data"), ("advdetect_detectors", "--detectors")):
         if config.getoption(option) is not None:
             argv += [flag, str(config.getoption(option))]
     try:

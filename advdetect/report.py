@@ -20,6 +20,7 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from advdetect.audit import read_attack_records, read_run, run_suite, update_run  # noqa: E402
+from advdetect.detection import PROTOCOLS  # noqa: E402
 from advdetect.history import MANIFEST, trend  # noqa: E402
 from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo  # noqa: E402
 from advdetect.storage import atomic_write, load_arrays, read_json, write_bytes, write_json  # noqa: E402
@@ -38,7 +39,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.record.strength_name} = {format_strength(self.record.strength)}"
+        return cell_label(self.record.to_dict(), " = ")
 
     @property
     def anchor(self) -> str:
@@ -80,48 +81,54 @@ def _color(detectors: list[str], name: str) -> tuple[float, float, float]:
     return DETECTOR_COLORS[detectors.index(name) % len(DETECTOR_COLORS)]
 
 
-def draw_roc(ax: plt.Axes, cell: Cell, detectors: list[str]) -> None:
+def draw_roc(ax: plt.Axes, cell: Cell, detectors: list[str], protocol: str = "seen") -> None:
+    """ROC curves of every detector on one cell, under one protocol."""
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance (0.500)")
     reasons = []
-    for row in cell.rows:
-        clean, adversarial = cell.scores.get(f"{row.detector}__clean"), cell.scores.get(f"{row.detector}__adversarial")
+    rows = [r for r in cell.rows if r.protocol == protocol]
+    for row in rows:
+        clean = cell.scores.get(f"{protocol}__{row.detector}__clean")
+        adversarial = cell.scores.get(f"{protocol}__{row.detector}__adversarial")
         if row.auroc is None or clean is None or adversarial is None:
             reasons.append(row.reason or "not scored")
             continue
         fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
         ax.plot(fpr, tpr, color=_color(detectors, row.detector), linewidth=1.8, label=f"{row.detector} ({row.auroc:.3f})")
-    if reasons and len(reasons) == len(cell.rows):
+    if reasons and len(reasons) == len(rows):
         ax.text(0.5, 0.55, "no ROC:\n" + _wrap(reasons[0], 38), ha="center", va="center", fontsize=7, color="0.3",
                 transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.8"})
     asr = cell.record.attack_success_rate
-    ax.set_title(f"{cell.record.attack}  {cell.label}\nsuccess {_pct(asr)}, {cell.rows[0].n_adv if cell.rows else 0} test pairs",
-                 fontsize=9)
+    ax.set_title(f"{cell.record.attack}  {cell.label} ({protocol})\nsuccess {_pct(asr)}, "
+                 f"{rows[0].n_adv if rows else 0} adversarial and {rows[0].n_clean if rows else 0} clean test inputs",
+                 fontsize=8)
     ax.set_xlabel("false-positive rate (clean flagged)", fontsize=8)
     ax.set_ylabel("true-positive rate (adversarial flagged)", fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
     ax.tick_params(labelsize=7)
-    ax.legend(loc="lower right", fontsize=7, title="detector (AUROC)", title_fontsize=7)
+    ax.legend(loc="lower right", fontsize=6, title="detector (AUROC)", title_fontsize=6)
 
 
 def draw_comparison(ax: plt.Axes, attack_cells: list[Cell], detectors: list[str]) -> None:
-    """AUROC of every detector against strength, with the attack success rate for context."""
+    """AUROC of every detector (``seen`` protocol) against strength, with the attack success rate."""
     strengths = [c.record.strength for c in attack_cells]
     positions = np.arange(len(strengths))
     for name in detectors:
-        values = [next((r.auroc for r in c.rows if r.detector == name), None) for c in attack_cells]
+        values = [next((r.auroc for r in c.rows if r.detector == name and r.protocol == "seen"), None)
+                  for c in attack_cells]
         ax.plot(positions, [np.nan if v is None else v for v in values], marker="o", color=_color(detectors, name), label=name)
     ax.plot(positions, [np.nan if c.record.attack_success_rate is None else c.record.attack_success_rate for c in attack_cells],
             marker="s", linestyle=":", color="0.35", label="attack success rate")
     ax.axhline(0.5, linestyle="--", color="0.7", linewidth=1)
-    ax.set_xticks(positions, [format_strength(s) for s in strengths])
+    ax.set_xticks(positions, [c.record.params["set"] if c.record.attack == "ood" else format_strength(c.record.strength)
+                              for c in attack_cells])
     ax.set_xlabel(attack_cells[0].record.strength_name, fontsize=8)
     ax.set_ylabel("AUROC / success rate", fontsize=8)
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{attack_cells[0].record.attack}: detectors by strength", fontsize=9)
+    ax.set_title(f"{attack_cells[0].record.attack}: detectors by strength (seen)", fontsize=9)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6, loc="best")
 
 
 def _wrap(text: str, width: int) -> str:
@@ -148,19 +155,71 @@ def _by_attack(cells: list[Cell]) -> dict[str, list[Cell]]:
     return groups
 
 
-def summary_table(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def cell_label(attack: dict[str, Any], sep: str = "=") -> str:
+    """``eps=0.1``; an out-of-distribution set's name."""
+    if attack["attack"] == "ood":
+        return attack["params"]["set"]
+    return f"{attack['strength_name']}{sep}{format_strength(attack['strength'])}"
+
+
+def _cells_of(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return document["attacks"]
+
+
+def _aurocs(document: dict[str, Any], protocol: str) -> tuple[list[str], dict[tuple[str, float, str], float | None]]:
+    rows = [r for r in document["results"] if r["protocol"] == protocol]
+    detectors = list(dict.fromkeys(r["detector"] for r in rows))
+    return detectors, {(r["attack"], r["strength"], r["detector"]): r["auroc"] for r in rows}
+
+
+def _best(values: list[float | None]) -> set[int]:
+    """Positions of the highest AUROC, ties included (as printed, to 3 decimals)."""
+    shown = [None if v is None else round(v, 3) for v in values]
+    top = max((v for v in shown if v is not None), default=None)
+    return {i for i, v in enumerate(shown) if v is not None and v == top}
+
+
+def summary_table(document: dict[str, Any], protocol: str = "seen") -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary of a results document: one row per attack cell, one AUROC
-    column per detector. The report and the terminal show the same table."""
-    detectors = list(dict.fromkeys(r["detector"] for r in document["results"]))
-    header = ["attack", "strength", "success", "mean L2", "mean Linf", *[f"AUROC {d}" for d in detectors]]
+    column per detector under ``protocol``, the best of each row marked ``*``. The report and the
+    terminal show the same table."""
+    detectors, aurocs = _aurocs(document, protocol)
+    header = ["attack", "strength", "success", "mean L2", "mean Linf", *detectors]
     table = []
-    for a in document["attacks"]:
-        aurocs = {r["detector"]: r["auroc"] for r in document["results"]
-                  if r["attack"] == a["attack"] and r["strength"] == a["strength"]}
-        table.append([a["attack"], f"{a['strength_name']}={format_strength(a['strength'])}", _pct(a["attack_success_rate"]),
+    for a in _cells_of(document):
+        values = [aurocs.get((a["attack"], a["strength"], d)) for d in detectors]
+        best = _best(values)
+        table.append([a["attack"], cell_label(a), _pct(a["attack_success_rate"]),
                       *["-" if a[k] is None else f"{a[k]:.3f}" for k in ("mean_l2", "mean_linf")],
-                      *["-" if aurocs.get(d) is None else f"{aurocs[d]:.3f}" for d in detectors]])
+                      *["-" if v is None else f"{v:.3f}{'*' if i in best else ''}" for i, v in enumerate(values)]])
     return header, table
+
+
+def comparison_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per protocol, a detector x (attack, strength) AUROC table: ``columns`` are the cells,
+    ``rows`` hold (value, is_best) per cell, best per column marked."""
+    tables = []
+    for protocol in PROTOCOLS:
+        detectors, aurocs = _aurocs(document, protocol)
+        if not detectors:
+            continue
+        cells = [(a["attack"], a["strength"], cell_label(a))
+                 for a in _cells_of(document)]
+        grid = [[aurocs.get((attack, strength, d)) for attack, strength, _ in cells] for d in detectors]
+        best = [_best([grid[i][j] for i in range(len(detectors))]) for j in range(len(cells))]
+        rows = [{"detector": d, "cells": [("-" if v is None else f"{v:.3f}", i in best[j]) for j, v in enumerate(grid[i])]}
+                for i, d in enumerate(detectors)]
+        tables.append({"protocol": protocol, "description": PROTOCOL_TEXT[protocol],
+                       "columns": [{"attack": a, "strength": label} for a, _, label in cells], "rows": rows})
+    return tables
+
+
+PROTOCOL_TEXT = {
+    "seen": "each supervised detector fitted on calibration pairs of the same attack and strength",
+    "unseen": "supervised detectors fitted once, on the suite's first attack at its middle strength, "
+              "and tested on every other cell",
+    "oneclass": "detectors fitted on clean reference inputs only, with no adversarial example",
+}
 
 
 def header_items(info: RunInfo) -> list[tuple[str, str]]:
@@ -191,7 +250,7 @@ def draw_trend_page(pdf: PdfPages, trend: dict[str, Any]) -> None:
              fontsize=8)
     ax = fig.add_axes([0.04, 0.03, 0.92, 0.85])
     ax.axis("off")
-    table = [[r["cell"], r["detector"], " ".join("-" if v is None else f"{v:.3f}" for v in r["history"]),
+    table = [[r["cell"], f"{r['detector']} ({r['protocol']})", " ".join("-" if v is None else f"{v:.3f}" for v in r["history"]),
               "-" if r["current"] is None else f"{r['current']:.3f}", "REGRESSION" if r["regression"] else ""]
              for r in trend["rows"]]
     tbl = ax.table(cellText=table, colLabels=["cell", "detector", "earlier AUROC (oldest first)", "AUROC now", ""],
@@ -201,6 +260,30 @@ def draw_trend_page(pdf: PdfPages, trend: dict[str, Any]) -> None:
     for (i, j), cell in tbl.get_celld().items():
         if i > 0 and table[i - 1][4]:
             cell.set_facecolor("#f8d7da")
+    pdf.savefig(fig)
+    plt.close(fig)
+
+
+def draw_comparison_page(pdf: PdfPages, table: dict[str, Any]) -> None:
+    fig = plt.figure(figsize=(11.7, 8.3))
+    fig.text(0.04, 0.95, f"Detector comparison, protocol {table['protocol']}: AUROC", fontsize=14, weight="bold")
+    fig.text(0.04, 0.915, _wrap(table["description"] + "; the best of each column is bold.", 170), fontsize=8, va="top")
+    ax = fig.add_axes([0.02, 0.05, 0.96, 0.83])
+    ax.axis("off")
+    labels = ["detector", *[f"{c['attack']}\n{c['strength']}" for c in table["columns"]]]
+    text = [[row["detector"], *[v for v, _ in row["cells"]]] for row in table["rows"]]
+    tbl = ax.table(cellText=text, colLabels=labels, loc="upper center", cellLoc="center")
+    tbl.auto_set_font_size(False)
+    tbl.set_fontsize(6.5)
+    tbl.scale(1, 1.6)
+    for (i, j), cell in tbl.get_celld().items():
+        if i == 0:
+            cell.set_height(cell.get_height() * 1.6)
+            cell.set_facecolor("#f3f3f3")
+        elif j > 0 and table["rows"][i - 1]["cells"][j - 1][1]:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("#d4edda")
+    tbl.auto_set_column_width([0])
     pdf.savefig(fig)
     plt.close(fig)
 
@@ -225,6 +308,8 @@ def write_pdf(path: Path, info: RunInfo, cells: list[Cell], document: dict[str, 
             tbl.scale(1, 1.15)
             pdf.savefig(fig)
             plt.close(fig)
+            for table in comparison_tables(document):
+                draw_comparison_page(pdf, table)
             if trend:
                 draw_trend_page(pdf, trend)
             for attack, attack_cells in _by_attack(cells).items():
@@ -237,7 +322,8 @@ def write_pdf(path: Path, info: RunInfo, cells: list[Cell], document: dict[str, 
                 draw_comparison(axes.flat[len(attack_cells)], attack_cells, info.detectors)
                 for ax in list(axes.flat)[columns:]:
                     ax.axis("off")
-                fig.suptitle(f"{attack}: ROC per strength (adversarial = positive)", fontsize=12)
+                fig.suptitle(f"{attack}: ROC per strength, every detector, protocol seen (adversarial = positive)",
+                             fontsize=12)
                 fig.tight_layout()
                 pdf.savefig(fig)
                 plt.close(fig)
@@ -254,7 +340,7 @@ def write_html(path: Path, info: RunInfo, cells: list[Cell], document: dict[str,
             fig, ax = plt.subplots(figsize=(4.2, 4.4))
             draw_roc(ax, cell, info.detectors)
             figures.append({"anchor": cell.anchor, "alt": f"ROC curves, {cell.record.key}", "png": _png(fig),
-                            "rows": cell.rows})
+                            "rows": [r for r in cell.rows if r.protocol == "seen"]})
         fig, ax = plt.subplots(figsize=(4.6, 4.4))
         draw_comparison(ax, attack_cells, info.detectors)
         sections.append({"attack": attack, "figures": figures, "comparison": _png(fig),
@@ -263,7 +349,7 @@ def write_html(path: Path, info: RunInfo, cells: list[Cell], document: dict[str,
     env = Environment(loader=PackageLoader("advdetect", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         header_items=header_items(info), header=header, table=table, sections=sections, detectors=info.detectors,
-        trend=trend,
+        trend=trend, comparisons=comparison_tables(document),
     )
     write_bytes(path, html.encode())
 

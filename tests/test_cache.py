@@ -25,7 +25,7 @@ def audit_twice(tmp_path, monkeypatch):
     suite.write_text(SUITE)
 
     def run(name):
-        args = ["audit", str(suite), "--n", "60", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / name)]
+        args = ["audit", str(suite), "--n", "60", "--detectors", "confounding_gradient,msp", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / name)]
         assert main(args) == 0
         return tmp_path / name
 

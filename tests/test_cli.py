@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from advdetect.cli import main
+from advdetect.detectors import DETECTORS
 from advdetect.metrics import METRIC_NAMES
 
 TINY_SUITE = """
@@ -43,19 +44,32 @@ def test_audit_writes_results_with_a_row_per_cell_and_detector(audited: Path):
     cells = [(r["attack"], r["strength"]) for r in results["attacks"]]
     assert cells == [("fgsm", 0.1), ("fgsm", 0.3), ("pgd", 0.3)]
     rows = results["results"]
-    assert [(r["attack"], r["strength"], r["detector"]) for r in rows] == [
-        (a, s, d) for a, s in cells for d in ("confounding_gradient", "msp")]
+    expected = []
+    for a, st in cells:
+        for name in sorted(DETECTORS):
+            cls = DETECTORS[name]
+            protocols = ["seen", *(["unseen"] if cls.uses_adversarial and (a, st) != ("fgsm", 0.3) else []),
+                         *([] if cls.needs_adversarial else ["oneclass"])]
+            expected += [(a, st, name, p) for p in protocols]
+    assert [(r["attack"], r["strength"], r["detector"], r["protocol"]) for r in rows] == expected
+    assert len(DETECTORS) == 9
     for row in rows:
-        assert ROW_KEYS <= set(row) and row["protocol"] == "seen"
+        assert ROW_KEYS <= set(row) and row["negatives"] == "clean"
         if row["reason"] is None:
             assert all(0.0 <= row[m] <= 1.0 for m in METRIC_NAMES) and row["n_clean"] == row["n_adv"] >= 10
         else:
             assert all(row[m] is None for m in METRIC_NAMES)
+        if row["protocol"] == "unseen" and row["reason"] is None:
+            assert row["detector_params"]["fitted_on"] == "fgsm[eps=0.3]"
+    tuned = {r["detector"]: r["detector_params"] for r in rows if r["protocol"] == "seen" and r["strength"] == 0.3}
+    assert set(tuned["odin"]) == {"temperature", "epsilon"} and set(tuned["lid"]) >= {"k", "C"}
+    assert set(tuned["mahalanobis"]) >= {"noise", "C"} and set(tuned["kd_bu"]) >= {"bandwidth", "C"}
     strong = [r for r in rows if r["strength"] == 0.3]
     assert all(r["reason"] is None for r in strong) and all(r["attack_success_rate"] > 0.5 for r in strong)
     weak = results["attacks"][0]
     assert 0 < weak["attack_success_rate"] < 0.5 and weak["max_linf"] <= 0.1 + 1e-6
-    weak_rows = {r["detector"]: r for r in rows[:2]}  # too few pairs to fit the detector, enough to test msp
+    weak_rows = {r["detector"]: r for r in rows if r["strength"] == 0.1 and r["protocol"] == "seen"}
+    # too few pairs to fit a supervised detector, enough to test msp
     assert "too few adversarial examples" in weak_rows["confounding_gradient"]["reason"]
     assert weak_rows["msp"]["reason"] is None
 
@@ -65,8 +79,12 @@ def test_every_cell_has_its_roc_figure_in_html_and_pdf(audited: Path):
     for slug in ("fgsm_eps-0.1", "fgsm_eps-0.3", "pgd_eps-0.3"):
         assert f'<figure id="roc-{slug}">\n    <img src="data:image/png;base64,' in html
     assert "http://" not in html and "https://" not in html  # self-contained
+    for protocol in ("seen", "unseen", "oneclass"):
+        assert f'<h3 id="protocol-{protocol}">' in html
+    assert html.count('class="best"') >= 3  # at least one best detector per cell and protocol
     pdf = (audited / "report.pdf").read_bytes()
-    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") >= 3  # summary + 2 attacks
+    pages = pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ")
+    assert pdf.startswith(b"%PDF") and pages >= 6  # summary, 3 protocol comparisons, 2 attacks
 
 
 def test_stages_rerun_alone_reproduce_the_results(audited: Path, capsys: pytest.CaptureFixture):
@@ -75,7 +93,7 @@ def test_stages_rerun_alone_reproduce_the_results(audited: Path, capsys: pytest.
     assert json.loads((audited / "results.json").read_text())["results"] == before
     assert main(["detect", str(audited)]) == 0
     assert json.loads((audited / "results.json").read_text())["results"] == before
-    assert "AUROC confounding_gradient" in capsys.readouterr().out
+    assert "AUROC per detector, protocol seen" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -91,6 +109,8 @@ def test_stages_rerun_alone_reproduce_the_results(audited: Path, capsys: pytest.
         (["audit", "--data", "npz:{many_classes}", "--n", "12"], "labels up to 11 but the model outputs only 10 classes"),
         (["audit", "--data", "npz:{wrong_shape}", "--n", "4"], "the model cannot take inputs of shape [1, 8, 8]"),
         (["audit", "--model", "robustbench:Nope", "--model-dir", "{tmp}"], "robustbench has no model 'Nope'"),
+        (["audit", "--n", "990"], "only 10 remain for the clean reference set"),
+        (["audit", "--detectors", "msp,nope"], "unknown detector 'nope'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(args, message, tmp_path, monkeypatch, capsys):

@@ -38,7 +38,7 @@ def suite_file(tmp_path):
 
 
 def check(suite, tmp_path, name, *extra):
-    return main(["check", suite, "--n", "60", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs" / name),
+    return main(["check", suite, "--n", "60", "--detectors", "confounding_gradient,msp", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs" / name),
                  *extra])
 
 
@@ -110,7 +110,8 @@ def test_pytest_plugin_gives_the_same_verdicts_as_check(suite_file, tmp_path, py
     suite = suite_file(min_auroc=0.9, max_asr=0.9)
     assert check(suite, tmp_path, "cli") == 1
     verdicts = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if "::" in line}
-    result = pytester.runpytest_subprocess("--advdetect-suite", suite, "--advdetect-n", "60", "-v", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--advdetect-suite", suite, "--advdetect-n", "60", "--advdetect-detectors",
+                                         "confounding_gradient,msp", "-v", "-p", "no:cacheprovider")
     outcomes = {}
     for line in result.outlines:  # verbose lines: "<nodeid> PASSED [ 16%]"
         found = re.search(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED)\b", line)

@@ -21,7 +21,7 @@ steps = 15
 
 
 def start(tmp_path: Path, cache: str, out: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "advdetect", "audit", str(tmp_path / "suite.toml"), "--n", "120",
+    return subprocess.Popen([sys.executable, "-m", "advdetect", "audit", str(tmp_path / "suite.toml"), "--n", "120", "--detectors", "confounding_gradient,msp",
                              "--cache-dir", str(tmp_path / cache), "--out", str(tmp_path / out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
