@@ -232,7 +232,9 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
         ("clean accuracy", f"{info.clean_accuracy:.3f}"),
         ("suite", f"{info.suite['name']} ({info.suite['source']})"),
         ("seed / device", f"{info.seed} / {info.device}"),
-        ("protocol", f"seen: {100 * info.fit_fraction:g}% of fooled source inputs fit the detector, the rest test it"),
+        ("protocols", f"seen, unseen, oneclass: {100 * info.fit_fraction:g}% of the correctly classified inputs "
+                      f"calibrate, the rest test; {info.data.get('n_reference', 0)} clean reference inputs; negatives "
+                      f"{'clean inputs and noisy copies' if info.noisy_negatives else 'clean inputs'}"),
         ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())
          + ("" if info.attack_cache_hits is None else
             f" ({info.attack_cache_hits} of {len(run_suite(info).cells())} attack cells from the cache)")),
@@ -272,9 +274,10 @@ def draw_comparison_page(pdf: PdfPages, table: dict[str, Any]) -> None:
     ax.axis("off")
     labels = ["detector", *[f"{c['attack']}\n{c['strength']}" for c in table["columns"]]]
     text = [[row["detector"], *[v for v, _ in row["cells"]]] for row in table["rows"]]
-    tbl = ax.table(cellText=text, colLabels=labels, loc="upper center", cellLoc="center")
+    widths = [0.17, *[0.83 / len(table["columns"])] * len(table["columns"])]
+    tbl = ax.table(cellText=text, colLabels=labels, colWidths=widths, loc="upper center", cellLoc="center")
     tbl.auto_set_font_size(False)
-    tbl.set_fontsize(6.5)
+    tbl.set_fontsize(6.5 if len(table["columns"]) <= 16 else 5)
     tbl.scale(1, 1.6)
     for (i, j), cell in tbl.get_celld().items():
         if i == 0:
@@ -283,7 +286,6 @@ def draw_comparison_page(pdf: PdfPages, table: dict[str, Any]) -> None:
         elif j > 0 and table["rows"][i - 1]["cells"][j - 1][1]:
             cell.set_text_props(weight="bold")
             cell.set_facecolor("#d4edda")
-    tbl.auto_set_column_width([0])
     pdf.savefig(fig)
     plt.close(fig)
 
