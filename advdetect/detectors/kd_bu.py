@@ -57,8 +57,6 @@ class KernelDensityBayesianUncertainty(Detector):
         self.median_distance_ = float(distances.median()) if len(distances) else 1.0
         return self
 
-    def signature_key(self) -> tuple:
-        return ("kd_bu", id(self))
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         check_is_fitted(self, "reference_")

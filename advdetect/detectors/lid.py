@@ -56,8 +56,6 @@ class LID(Detector):
         self.reference_ = [a.float() for a in self._activations(model, reference, batch_size)]
         return self
 
-    def signature_key(self) -> tuple:
-        return ("lid", id(self))
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         check_is_fitted(self, "reference_")

@@ -62,8 +62,6 @@ class Mahalanobis(Detector):
             self.precisions_.append(torch.from_numpy(LedoitWolf(assume_centered=True).fit(centered).precision_))
         return self
 
-    def signature_key(self) -> tuple:
-        return ("mahalanobis", id(self))
 
     def _confidence(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """Largest negative Mahalanobis distance to a class mean, per input."""
