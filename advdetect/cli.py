@@ -171,24 +171,36 @@ def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()))
 
 
-def run_audit(options, out: Path | None) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
-    """Every stage of an audit into a new run folder; raises KeyboardInterrupt after saying where it stopped."""
-    from advdetect.audit import POSITION, attack_stage, prepare, start_run
+def run_audit(options, out: Path | None, ood_specs: list[str] | None = None) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
+    """Every stage of an audit into a new run folder; raises KeyboardInterrupt after saying where it stopped.
+    With ``ood_specs``, out-of-distribution sets take the place of the suite's attack cells."""
+    from advdetect.audit import POSITION, attack_stage, prepare, start_run, update_run
     from advdetect.detection import detect_stage
     from advdetect.history import now, write_manifest
+    from advdetect.ood import ood_inputs, ood_stage, set_name
     from advdetect.report import write_report
 
     run_dir = _new_run_dir(out)
     loaded, sample, device = prepare(options)
+    for spec in ood_specs or ():  # fail on a bad set before any output
+        ood_inputs(spec, sample.x[:2], options.seed)
     cells = options.suite.cells()
-    log.info("auditing %s on %s (%d inputs) with suite %s: %d attack cells, device %s",
-             options.model, options.data, len(sample.y), options.suite.name, len(cells), device)
+    log.info("auditing %s on %s (%d inputs) with %s, device %s", options.model, options.data, len(sample.y),
+             f"{len(ood_specs)} out-of-distribution sets" if ood_specs else
+             f"suite {options.suite.name}: {len(cells)} attack cells", device)
     POSITION.stage, POSITION.cell = "load", None
     try:
         info = start_run(run_dir, options, loaded, sample, device)
         log.info("clean accuracy %.3f; run folder %s", info.clean_accuracy, run_dir)
-        POSITION.stage = "attack"
-        records = attack_stage(run_dir, loaded.module, cells)
+        if ood_specs:
+            update_run(run_dir, suite={"name": "ood", "source": "advdetect ood", "specs": ood_specs,
+                                       "ood_sets": [set_name(s) for s in ood_specs],
+                                       "document": {"description": "out-of-distribution sets", "attack": []}})
+            POSITION.stage = "ood"
+            records = ood_stage(run_dir, ood_specs, options.seed)
+        else:
+            POSITION.stage = "attack"
+            records = attack_stage(run_dir, loaded.module, cells)
         POSITION.stage, POSITION.cell = "detect", None
         detect_stage(run_dir, loaded.module, records)
         POSITION.stage, POSITION.cell = "report", None
@@ -215,11 +227,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_ood(args: argparse.Namespace) -> int:
-    from advdetect.audit import POSITION, prepare, start_run, update_run
-    from advdetect.detection import detect_stage
-    from advdetect.history import now, write_manifest
-    from advdetect.ood import BUILTIN_SETS, ood_inputs, ood_stage, set_name
-    from advdetect.report import write_report
+    from advdetect.ood import BUILTIN_SETS, set_name
 
     started = time.perf_counter()
     options = audit_options(args)
@@ -231,27 +239,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
         if spec not in BUILTIN_SETS and ":" not in spec:
             raise UsageError(f"unknown out-of-distribution set {spec!r}; give one of {', '.join(BUILTIN_SETS)} "
                              f"or a data spec such as npz:FILE or folder:DIR")
-    loaded, sample, device = prepare(options)
-    for spec in specs:  # fail on a bad set before any output
-        ood_inputs(spec, sample.x[:2], options.seed)
-    run_dir = _new_run_dir(args.out)
-    POSITION.stage, POSITION.cell = "load", None
-    try:
-        start_run(run_dir, options, loaded, sample, device)
-        update_run(run_dir, suite={"name": "ood", "source": "advdetect ood", "ood_sets": names, "specs": specs,
-                                   "document": {"description": "out-of-distribution sets", "attack": []}})
-        POSITION.stage = "ood"
-        records = ood_stage(run_dir, specs, options.seed)
-        POSITION.stage = "detect"
-        detect_stage(run_dir, loaded.module, records)
-        POSITION.stage, POSITION.cell = "report", None
-        document = write_report(run_dir)
-    except BaseException as exc:
-        if (run_dir / "run.json").is_file():
-            write_manifest(run_dir, status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                           ended_at=now(), stopped_in=POSITION.describe())
-        raise
-    write_manifest(run_dir, status="complete", ended_at=now(), timings=document["timings"])
+    run_dir, document = run_audit(options, args.out, ood_specs=specs)
     print_summary(document)
     print(f"\nwrote {run_dir}/report.html, report.pdf and results.json in {time.perf_counter() - started:.1f} s")
     return 0

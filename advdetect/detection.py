@@ -18,6 +18,7 @@ of both fitting and testing are the clean inputs and these copies.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -172,7 +173,9 @@ class _Cell:
         self.fit, self.test = np.flatnonzero(fooled & calibration), np.flatnonzero(fooled & ~calibration)
         self._pairs = np.flatnonzero(fooled)
 
+    @functools.cached_property
     def _inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cell's adversarial inputs (and noisy copies), read once for every detector."""
         x_adv = torch.from_numpy(load_arrays(self.run_dir / "adversarial" / f"{self.record.slug}.npz")["x_adv"])[self._pairs]
         noisy = None
         if self.noisy:
@@ -182,7 +185,7 @@ class _Cell:
     def _rows(self, signatures: _Signatures, detector: Detector, what: str) -> np.ndarray:
         key = (detector.signature_key(), f"{what}:{self.record.key}")
         if key not in signatures.store:
-            x_adv, noisy = self._inputs()
+            x_adv, noisy = self._inputs
             signatures.get(detector, f"adversarial:{self.record.key}", x_adv)
             if noisy is not None:
                 signatures.get(detector, f"noisy:{self.record.key}", noisy)
