@@ -99,7 +99,7 @@ def draw_roc(ax: plt.Axes, cell: Cell, detectors: list[str], protocol: str = "se
                 transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.8"})
     asr = cell.record.attack_success_rate
     ax.set_title(f"{cell.record.attack}  {cell.label} ({protocol})\nsuccess {_pct(asr)}, "
-                 f"{rows[0].n_adv if rows else 0} adversarial and {rows[0].n_clean if rows else 0} clean test inputs",
+                 f"test {rows[0].n_adv if rows else 0} adv. / {rows[0].n_clean if rows else 0} clean",
                  fontsize=8)
     ax.set_xlabel("false-positive rate (clean flagged)", fontsize=8)
     ax.set_ylabel("true-positive rate (adversarial flagged)", fontsize=8)
@@ -341,8 +341,13 @@ def write_html(path: Path, info: RunInfo, cells: list[Cell], document: dict[str,
         for cell in attack_cells:
             fig, ax = plt.subplots(figsize=(4.2, 4.4))
             draw_roc(ax, cell, info.detectors)
+            rows = [r for r in cell.rows if r.protocol == "seen"]
+            unscored: dict[str, list[str]] = {}  # reason -> detectors, so a shared reason is said once
+            for r in rows:
+                if r.auroc is None:
+                    unscored.setdefault(r.reason or "not scored", []).append(r.detector)
             figures.append({"anchor": cell.anchor, "alt": f"ROC curves, {cell.record.key}", "png": _png(fig),
-                            "rows": [r for r in cell.rows if r.protocol == "seen"]})
+                            "rows": [r for r in rows if r.auroc is not None], "unscored": unscored})
         fig, ax = plt.subplots(figsize=(4.6, 4.4))
         draw_comparison(ax, attack_cells, info.detectors)
         sections.append({"attack": attack, "figures": figures, "comparison": _png(fig),
