@@ -243,27 +243,35 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
     ]
 
 
+#: Trend table rows per PDF page (one row per cell x detector x protocol).
+TREND_ROWS_PER_PAGE = 34
+
+
 def draw_trend_page(pdf: PdfPages, trend: dict[str, Any]) -> None:
-    fig = plt.figure(figsize=(11.7, 8.3))
-    fig.text(0.04, 0.95, f"Trend over {len(trend['runs'])} earlier run(s) in this output root", fontsize=14, weight="bold")
-    fig.text(0.04, 0.915, f"{trend['regressions']} regression(s) against the last run: an AUROC whose 95% bootstrap "
-                          f"interval lies below the earlier value, or a success rate whose 95% interval lies above it"
-                          + (f" (success rate: {', '.join(trend['asr_regressions'])})" if trend["asr_regressions"] else ""),
-             fontsize=8)
-    ax = fig.add_axes([0.04, 0.03, 0.92, 0.85])
-    ax.axis("off")
     table = [[r["cell"], f"{r['detector']} ({r['protocol']})", " ".join("-" if v is None else f"{v:.3f}" for v in r["history"]),
               "-" if r["current"] is None else f"{r['current']:.3f}", "REGRESSION" if r["regression"] else ""]
              for r in trend["rows"]]
-    tbl = ax.table(cellText=table, colLabels=["cell", "detector", "earlier AUROC (oldest first)", "AUROC now", ""],
-                   loc="upper center", cellLoc="center")
-    tbl.auto_set_font_size(False)
-    tbl.set_fontsize(7)
-    for (i, j), cell in tbl.get_celld().items():
-        if i > 0 and table[i - 1][4]:
-            cell.set_facecolor("#f8d7da")
-    pdf.savefig(fig)
-    plt.close(fig)
+    pages = [table[i : i + TREND_ROWS_PER_PAGE] for i in range(0, len(table), TREND_ROWS_PER_PAGE)] or [[]]
+    for number, rows in enumerate(pages, start=1):
+        fig = plt.figure(figsize=(11.7, 8.3))
+        fig.text(0.04, 0.95, f"Trend over {len(trend['runs'])} earlier run(s) in this output root"
+                             + (f" ({number} of {len(pages)})" if len(pages) > 1 else ""), fontsize=14, weight="bold")
+        fig.text(0.04, 0.915, f"{trend['regressions']} regression(s) against the last run: an AUROC whose 95% bootstrap "
+                              f"interval lies below the earlier value, or a success rate whose 95% interval lies above it"
+                              + (f" (success rate: {', '.join(trend['asr_regressions'])})" if trend["asr_regressions"] else ""),
+                 fontsize=8)
+        ax = fig.add_axes([0.04, 0.03, 0.92, 0.85])
+        ax.axis("off")
+        if rows:
+            tbl = ax.table(cellText=rows, colLabels=["cell", "detector", "earlier AUROC (oldest first)", "AUROC now", ""],
+                           loc="upper center", cellLoc="center")
+            tbl.auto_set_font_size(False)
+            tbl.set_fontsize(7)
+            for (i, j), cell in tbl.get_celld().items():
+                if i > 0 and rows[i - 1][4]:
+                    cell.set_facecolor("#f8d7da")
+        pdf.savefig(fig)
+        plt.close(fig)
 
 
 def draw_comparison_page(pdf: PdfPages, table: dict[str, Any]) -> None:
