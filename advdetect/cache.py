@@ -66,4 +66,10 @@ class AttackCache:
         return torch.from_numpy(x_adv)
 
     def store(self, key: str, x_adv: torch.Tensor) -> None:
-        save_arrays(self.path(key), key=np.array(key), x_adv=x_adv.numpy())
+        """Keep an entry; a cache that cannot be written (full disk, no permission) costs a warning,
+        never the audit's work."""
+        try:
+            save_arrays(self.path(key), key=np.array(key), x_adv=x_adv.numpy())
+        except OSError as exc:
+            log.warning("cannot write the attack cache entry %s (%s); the audit goes on without it",
+                        self.path(key), exc.strerror or exc)

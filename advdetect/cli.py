@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
+from typing import Any, NoReturn
 
-from advdetect.errors import UsageError
+from advdetect.errors import ExitCode, Terminated, UsageError
 from advdetect.models import Dataset, ThreatModel
 
 log = logging.getLogger("advdetect")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line instead of the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE_ERROR, f"advdetect: error: {message} (see '{self.prog} --help')\n")
 
 
 def _positive_int(text: str) -> int:
@@ -27,9 +36,32 @@ def _positive_int(text: str) -> int:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {2**32 - 1}, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) -> None:
@@ -66,10 +98,10 @@ def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) 
     parser.add_argument("--noisy-negatives", action="store_true",
                         help="control: add Gaussian-noise copies of the clean inputs, as far in L2 as their "
                              "adversarial examples, to the negatives")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling, attacks and splits (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed for sampling, attacks and splits (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive_int, default=128, help="batch size for attacks and features")
-    parser.add_argument("--fit-fraction", type=float, default=0.2,
+    parser.add_argument("--fit-fraction", type=_fraction, default=0.2,
                         help="share of the correctly classified inputs whose (clean, adversarial) pairs calibrate the detectors; the rest test them (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="run folder to create (default: reports/<timestamp>)")
     parser.add_argument("--cache-dir", type=Path,
@@ -78,7 +110,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advdetect", description="Adversarial-robustness audits: attack, detect, report.")
+    parser = Parser(prog="advdetect", description="Adversarial-robustness audits: attack, detect, report.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -139,18 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _new_run_dir(out: Path | None) -> Path:
-    if out is not None:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(f"output folder {out} already exists and is not empty; choose another --out")
-        return out
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate, counter = Path("reports") / stamp, 2
-    while candidate.exists():
-        candidate, counter = Path("reports") / f"{stamp}-{counter}", counter + 1
-    return candidate
-
-
 def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from advdetect.audit import AuditOptions
     from advdetect.cache import default_cache_dir
@@ -171,63 +191,19 @@ def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()))
 
 
-def run_audit(options, out: Path | None, ood_specs: list[str] | None = None) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
-    """Every stage of an audit into a new run folder; raises KeyboardInterrupt after saying where it stopped.
-    With ``ood_specs``, out-of-distribution sets take the place of the suite's attack cells."""
-    from advdetect.audit import POSITION, attack_stage, prepare, start_run, update_run
-    from advdetect.detection import detect_stage
-    from advdetect.history import now, write_manifest
-    from advdetect.ood import ood_inputs, ood_stage, set_name
-    from advdetect.report import write_report
-
-    run_dir = _new_run_dir(out)
-    loaded, sample, device = prepare(options)
-    for spec in ood_specs or ():  # fail on a bad set before any output
-        ood_inputs(spec, sample.x[:2], options.seed)
-    cells = options.suite.cells()
-    log.info("auditing %s on %s (%d inputs) with %s, device %s", options.model, options.data, len(sample.y),
-             f"{len(ood_specs)} out-of-distribution sets" if ood_specs else
-             f"suite {options.suite.name}: {len(cells)} attack cells", device)
-    POSITION.stage, POSITION.cell = "load", None
-    try:
-        info = start_run(run_dir, options, loaded, sample, device)
-        log.info("clean accuracy %.3f; run folder %s", info.clean_accuracy, run_dir)
-        if ood_specs:
-            update_run(run_dir, suite={"name": "ood", "source": "advdetect ood", "specs": ood_specs,
-                                       "ood_sets": [set_name(s) for s in ood_specs],
-                                       "document": {"description": "out-of-distribution sets", "attack": []}})
-            POSITION.stage = "ood"
-            records = ood_stage(run_dir, ood_specs, options.seed)
-        else:
-            POSITION.stage = "attack"
-            records = attack_stage(run_dir, loaded.module, cells)
-        POSITION.stage, POSITION.cell = "detect", None
-        detect_stage(run_dir, loaded.module, records)
-        POSITION.stage, POSITION.cell = "report", None
-        document = write_report(run_dir)
-    except BaseException as exc:
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        if (run_dir / "run.json").is_file():
-            write_manifest(run_dir, status="interrupted" if interrupted else "failed", ended_at=now(),
-                           stopped_in=POSITION.describe())
-        if interrupted:
-            log.error("interrupted during %s; finished attack cells are cached, so the same command resumes "
-                      "from them; partial outputs are in %s", POSITION.describe(), run_dir)
-        raise
-    write_manifest(run_dir, status="complete", ended_at=now(), timings=document["timings"])
-    return run_dir, document
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
+    from advdetect.pipeline import run_audit
+
     started = time.perf_counter()
     run_dir, document = run_audit(audit_options(args), args.out)
     print_summary(document)
     print(f"\nwrote {run_dir}/report.html, report.pdf and results.json in {time.perf_counter() - started:.1f} s")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_ood(args: argparse.Namespace) -> int:
     from advdetect.ood import BUILTIN_SETS, set_name
+    from advdetect.pipeline import run_audit
 
     started = time.perf_counter()
     options = audit_options(args)
@@ -242,12 +218,13 @@ def cmd_ood(args: argparse.Namespace) -> int:
     run_dir, document = run_audit(options, args.out, ood_specs=specs)
     print_summary(document)
     print(f"\nwrote {run_dir}/report.html, report.pdf and results.json in {time.perf_counter() - started:.1f} s")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from advdetect.checks import FAILED, closing_line, evaluate, junit_xml, plan_checks
-    from advdetect.history import write_manifest
+    from advdetect.pipeline import run_audit
+    from advdetect.rundir import check_writable_file, write_manifest
     from advdetect.storage import write_bytes
 
     started = time.perf_counter()
@@ -259,6 +236,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     missing = sorted({c.detector for c in checks if c.detector and c.detector not in options.detector_names()})
     if missing:
         raise UsageError(f"the thresholds check detector(s) {', '.join(missing)}, which --detectors does not run")
+    if args.junitxml:
+        check_writable_file(args.junitxml, "--junitxml")
     run_dir, document = run_audit(options, args.out)
     outcomes = [evaluate(check, document) for check in checks]
     seconds = time.perf_counter() - started
@@ -269,59 +248,70 @@ def cmd_check(args: argparse.Namespace) -> int:
     write_manifest(run_dir, verdict={"passed": sum(o.status == "PASSED" for o in outcomes), "failed": failed,
                                      "skipped": sum(o.status == "SKIPPED" for o in outcomes)})
     if args.junitxml:
-        write_bytes(args.junitxml, junit_xml(options.suite.name, outcomes, seconds))
-    return 1 if failed else 0
+        try:
+            write_bytes(args.junitxml, junit_xml(options.suite.name, outcomes, seconds))
+        except OSError as exc:
+            raise UsageError(f"cannot write --junitxml {args.junitxml}: {exc.strerror or exc}") from None
+    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     from advdetect.history import list_runs
+    from advdetect.rundir import is_held
 
     if not args.root.is_dir():
         raise UsageError(f"output root {args.root} not found")
     runs = list_runs(args.root)
     if not runs:
         print(f"no audit runs under {args.root}")
-        return 0
+        return ExitCode.OK
     header = ["run", "started", "status", "suite", "model", "data", "n", "clean acc", "verdict"]
     table = []
     for run in runs:
         m = run.manifest
         verdict = m.get("verdict")
-        table.append([run.path.name, m.get("started_at", "?"), m.get("status", "?"), m.get("suite", "?"),
-                      m.get("model_spec", "?"), m.get("data_spec", "?"), str(m.get("n", "?")),
+        status = m.get("status", "?")
+        if status == "running" and not is_held(run.path):
+            status = "killed"  # marked running, but no process holds it
+        table.append([run.path.name, m.get("started_at", "?"), status, m.get("suite", "?"),
+                      str(m.get("model_spec", "?")), str(m.get("data_spec", "?")), str(m.get("n", "?")),
                       f"{m['clean_accuracy']:.3f}" if "clean_accuracy" in m else "?",
                       f"{verdict['passed']} passed, {verdict['failed']} failed" if verdict else "-"])
     _print_table(header, table)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from advdetect.history import compare
-    from advdetect.storage import read_json
+    from advdetect.rundir import read_results
 
     documents = []
     for run in (args.run_a, args.run_b):
         if not (run / "results.json").is_file():
             raise UsageError(f"{run} has no results.json; give two finished audit run folders")
-        documents.append(read_json(run / "results.json"))
+        documents.append(read_results(run / "results.json"))
     differences = compare(*documents)
     table = [[d.cell, d.detector or "-", d.protocol or "-", d.metric, f"{d.before:.3f}", f"{d.after:.3f}", f"{d.delta:+.3f}",
               "REGRESSION" if d.regression else ""] for d in differences]
     _print_table(["cell", "detector", "protocol", "metric", "A", "B", "B - A", ""], table)
     regressions = sum(d.regression for d in differences)
     print(f"\n{len(differences)} metrics compared, {regressions} regression(s) of {args.run_b} against {args.run_a}")
-    return 1 if regressions else 0
+    return ExitCode.CHECK_FAILED if regressions else ExitCode.OK
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from advdetect.audit import read_attack_records, read_run, reload_model
+    from advdetect.audit import reload_model
     from advdetect.detection import detect_stage
     from advdetect.report import write_report
+    from advdetect.rundir import locked, read_attack_records, read_run
 
-    model = reload_model(read_run(args.run_dir))
-    detect_stage(args.run_dir, model, read_attack_records(args.run_dir))
-    print_summary(write_report(args.run_dir))
-    return 0
+    info = read_run(args.run_dir)
+    with locked(args.run_dir):
+        records = read_attack_records(args.run_dir, info)
+        model = reload_model(args.run_dir, info)
+        detect_stage(args.run_dir, model, records)
+        print_summary(write_report(args.run_dir))
+    return ExitCode.OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -342,9 +332,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from advdetect.report import write_report
+    from advdetect.rundir import locked, read_run
 
-    print_summary(write_report(args.run_dir))
-    return 0
+    read_run(args.run_dir)
+    with locked(args.run_dir):
+        print_summary(write_report(args.run_dir))
+    return ExitCode.OK
 
 
 def print_summary(document: dict) -> None:
@@ -362,17 +355,67 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns its :class:`~advdetect.errors.ExitCode`."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already said in one line
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE_ERROR
     logging.basicConfig(level=logging.WARNING, format="advdetect: %(message)s")
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    previous = _on_sigterm(_terminate)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except UsageError as exc:
         print(f"advdetect: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE_ERROR
+    except Terminated:
+        print("advdetect: terminated", file=sys.stderr)
+        return ExitCode.TERMINATED
     except KeyboardInterrupt:
         print("advdetect: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
+    except Exception as exc:
+        return _internal_error(args, exc)
+    finally:
+        _on_sigterm(previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler; returns the previous one (None off the main thread, where none can be set)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
+    """An unexpected error: one line on stderr that points to the saved traceback."""
+    from advdetect.pipeline import fallback_error_log, save_traceback
+    from advdetect.rundir import RUN_JSON
+
+    path = getattr(exc, "error_log", None)
+    run_dir = getattr(args, "run_dir", None)
+    if path is None and run_dir is not None and (run_dir / RUN_JSON).is_file():
+        try:
+            path = save_traceback(run_dir, exc)
+        except OSError:
+            path = None
+    path = path or fallback_error_log(exc)
+    text = str(exc).strip().splitlines()
+    where = f"the traceback is in {path}" if path else "no traceback could be saved"
+    print(f"advdetect: internal error: {type(exc).__name__}{': ' + text[0] if text else ''} ({where}; please "
+          f"report it)", file=sys.stderr)
+    if path is None:
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    return ExitCode.INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from advdetect.errors import UsageError
+from advdetect.storage import load_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -161,14 +162,13 @@ def _npz(arg: str, options: DataOptions) -> _Source:
     if not path.is_file():
         raise UsageError(f"data file {arg!r} not found")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files or "y" not in data.files:
-                raise UsageError(f"{path} must hold arrays 'x' and 'y'; it holds {', '.join(data.files)}")
-            x, y = data["x"], data["y"]
-    except UsageError:
-        raise
+        data = load_arrays(path)
     except Exception as exc:
-        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        reason = "it holds Python objects, which are not read" if "allow_pickle" in str(exc) else str(exc)
+        raise UsageError(f"cannot read data {path}: {reason}; give an npz archive with arrays x and y") from None
+    if "x" not in data or "y" not in data:
+        raise UsageError(f"{path} must hold arrays 'x' and 'y'; it holds {', '.join(data) or 'none'}")
+    x, y = data["x"], data["y"]
     if x.ndim != 4:
         raise UsageError(f"{path}: 'x' must be 4-D images (uint8 NHWC or float NCHW); got shape {x.shape}")
     if x.dtype == np.uint8:
@@ -245,7 +245,14 @@ def load_data(spec: str, options: DataOptions = DataOptions()) -> DataSample:
         raise UsageError(f"data spec {spec!r} not understood; give default or one of "
                          f"{', '.join(k + ':PATH' for k in DATA_LOADERS if k != 'default')}")
     source = DATA_LOADERS[kind](arg, options)
-    labels = source.labels
+    labels = np.asarray(source.labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UsageError(f"data {spec!r} has labels of dtype {labels.dtype} and shape {labels.shape}; labels must be "
+                         f"whole-number class indices, one per image")
+    if len(labels) and labels.min() < 0:
+        raise UsageError(f"data {spec!r} has negative labels (down to {labels.min()}); labels must be class indices "
+                         f"0 to C-1 (drop unlabelled images, often marked -1)")
+    labels = labels.astype(np.int64)
     if options.n is not None:
         if options.n < 1:
             raise UsageError(f"--n must be at least 1; got {options.n}")
@@ -274,6 +281,8 @@ def _images(source: _Source, index: np.ndarray, kind: str, spec: str, options: D
     if options.image_size and kind != "folder" and x.shape[2:] != (options.image_size, options.image_size):
         x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(options.image_size,) * 2, mode="bilinear",
                                             align_corners=False).clamp(0, 1).numpy()
+    if x.size and not np.isfinite(x).all():
+        raise UsageError(f"data {spec!r} holds NaN or infinite pixel values; images must lie in [0, 1]")
     low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     if low < 0.0 or high > 1.0:
         raise UsageError(f"data {spec!r} has values in [{low:.3g}, {high:.3g}]; images must lie in [0, 1] "

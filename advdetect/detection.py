@@ -29,13 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.audit import POSITION, detector_variants, read_run, update_run
+from advdetect.audit import POSITION
 from advdetect.detectors import Detector, build_detector
 from advdetect.errors import Unavailable
 from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.progress import progress
-from advdetect.records import AttackRecord, ResultRow, derive_seed
-from advdetect.storage import load_arrays, save_arrays, write_json
+from advdetect.records import AttackRecord, ResultRow, RunInfo, derive_seed
+from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, read_run, reference_arrays, sample_arrays, set_stage, \
+    update_run
+from advdetect.storage import save_arrays, write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +81,16 @@ class _Signatures:
 def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -> list[ResultRow]:
     info = read_run(run_dir)
     variants = detector_variants(info)
-    sample = load_arrays(run_dir / "sample.npz")
-    reference = load_arrays(run_dir / "reference.npz")
+    sample = sample_arrays(run_dir)
+    image_shape = sample["x"].shape[1:]
+    reference = reference_arrays(run_dir, image_shape)
     correct = np.flatnonzero(sample["pred"] == sample["y"])
     clean_inputs = torch.from_numpy(sample["x"][correct])
+    calibration = calibration_split(info, len(correct))
+    cells = [_Cell(run_dir, r, cell_arrays(run_dir, r, len(correct), image_shape), calibration, info.seed,
+                   info.noisy_negatives, clean_inputs) for r in records]
+    set_stage(run_dir, "detect", RUNNING)
     reference_inputs, reference_labels = torch.from_numpy(reference["x"]), torch.from_numpy(reference["y"])
-    calibration = np.zeros(len(correct), dtype=bool)
-    order = np.random.default_rng(derive_seed(info.seed, "calibration")).permutation(len(correct))
-    calibration[order[: math.ceil(info.fit_fraction * len(correct))]] = True
     started = time.perf_counter()
     signatures = _Signatures(model, info.batch_size)
 
@@ -103,7 +107,6 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -
             log.warning(unavailable[name])
 
     source = unseen_source(records)
-    cells = [_Cell(run_dir, r, calibration, info.seed, info.noisy_negatives, clean_inputs) for r in records]
     rows: list[ResultRow] = []
     scores: dict[str, dict[str, np.ndarray]] = {r.key: {} for r in records}
     for name in progress(info.detectors, desc="detect", unit="detector"):
@@ -138,6 +141,12 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -
                     row.detector_params["fitted_on"] = source.key
                 clean_scores = detector.score(cell.negatives(signatures, detector, cell.test))
                 adversarial_scores = detector.score(cell.adversarial(signatures, detector, cell.test))
+                bad = int((~np.isfinite(clean_scores)).sum() + (~np.isfinite(adversarial_scores)).sum())
+                if bad:
+                    row.reason = f"{name} gave NaN or infinite scores to {bad} test inputs, so no metric is reported"
+                    row.detector_params = {}
+                    log.warning("%s on %s: %s", name, record.key, row.reason)
+                    continue
                 for metric, value in detection_metrics(clean_scores, adversarial_scores).items():
                     setattr(row, metric, value)
                 row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(
@@ -152,7 +161,25 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord]) -
     rows.sort(key=lambda row: order[(key_of[(row.attack, row.strength)], row.detector, row.protocol)])
     write_json(run_dir / "detection.json", [row.to_dict() for row in rows])
     update_run(run_dir, ("detect", time.perf_counter() - started))
+    set_stage(run_dir, "detect", COMPLETE)
     return rows
+
+
+def calibration_split(info: RunInfo, n: int) -> np.ndarray:
+    """Which of the ``n`` correctly classified inputs calibrate the detectors (the rest test them)."""
+    calibration = np.zeros(n, dtype=bool)
+    order = np.random.default_rng(derive_seed(info.seed, "calibration")).permutation(n)
+    calibration[order[: math.ceil(info.fit_fraction * n)]] = True
+    return calibration
+
+
+def detector_variants(info: RunInfo) -> tuple:
+    """The suite's detector variants (an OOD run has none)."""
+    if "ood_sets" in info.suite:
+        return ()
+    from advdetect.suite import suite_from_document
+
+    return suite_from_document(info.suite["document"], info.suite["name"], info.suite["source"]).detectors
 
 
 def _protocols(detector: Detector) -> list[str]:
@@ -165,18 +192,18 @@ def _protocols(detector: Detector) -> list[str]:
 class _Cell:
     """One attack cell's inputs, split into calibration and test pairs, loaded on first use."""
 
-    def __init__(self, run_dir: Path, record: AttackRecord, calibration: np.ndarray, seed: int, noisy: bool,
-                 clean_inputs: torch.Tensor) -> None:
+    def __init__(self, run_dir: Path, record: AttackRecord, arrays: dict[str, np.ndarray], calibration: np.ndarray,
+                 seed: int, noisy: bool, clean_inputs: torch.Tensor) -> None:
         self.record, self.run_dir, self.seed, self.noisy, self.clean_inputs = record, run_dir, seed, noisy, clean_inputs
-        fooled = load_arrays(run_dir / "adversarial" / f"{record.slug}.npz")["fooled"] if record.n_fooled else \
-            np.zeros(len(calibration), dtype=bool)
+        fooled = arrays["fooled"]
         self.fit, self.test = np.flatnonzero(fooled & calibration), np.flatnonzero(fooled & ~calibration)
         self._pairs = np.flatnonzero(fooled)
+        self._x_adv = arrays["x_adv"]
 
     @functools.cached_property
     def _inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cell's adversarial inputs (and noisy copies), read once for every detector."""
-        x_adv = torch.from_numpy(load_arrays(self.run_dir / "adversarial" / f"{self.record.slug}.npz")["x_adv"])[self._pairs]
+        x_adv = torch.from_numpy(self._x_adv[self._pairs])
         noisy = None
         if self.noisy:
             noisy = noisy_copies(self.clean_inputs[self._pairs], x_adv, derive_seed(self.seed, "noise", self.record.key))

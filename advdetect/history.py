@@ -7,35 +7,22 @@ Wilson 95% interval lies wholly above the earlier rate.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import math
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from advdetect.storage import read_json, write_json
+from advdetect.errors import DamagedRunFolder
+from advdetect.records import cell_key
+from advdetect.rundir import MANIFEST, read_manifest, read_results
 
-MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def json_sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def write_manifest(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Create or update the run's manifest; the first call records the command line."""
-    path = run_dir / MANIFEST
-    manifest = read_json(path) if path.is_file() else {"schema": 1, "command": sys.argv}
-    manifest.update(fields)
-    write_json(path, manifest)
-    return manifest
 
 
 @dataclass(frozen=True)
@@ -43,29 +30,37 @@ class Run:
     path: Path
     manifest: dict[str, Any]
 
-    @property
-    def results(self) -> dict[str, Any] | None:
-        path = self.path / "results.json"
-        return read_json(path) if path.is_file() else None
-
 
 def list_runs(root: Path) -> list[Run]:
-    """Runs directly under ``root``, oldest first."""
+    """Runs directly under ``root``, oldest first; a damaged one is skipped with a warning."""
     runs = []
     for manifest in root.glob(f"*/{MANIFEST}"):
         try:
-            runs.append(Run(manifest.parent, read_json(manifest)))
-        except (OSError, ValueError):
-            continue  # not a run of ours
+            runs.append(Run(manifest.parent, read_manifest(manifest.parent)))
+        except DamagedRunFolder as exc:
+            log.warning("skipping %s (%s)", manifest.parent, exc)
     return sorted(runs, key=lambda r: (r.manifest.get("started_at", ""), r.path.name))
 
 
-def earlier_runs(run_dir: Path) -> list[Run]:
-    """Complete runs of the same suite in the same output root that started before this one."""
-    current = read_json(run_dir / MANIFEST)
-    return [r for r in list_runs(run_dir.parent)
-            if r.path.resolve() != run_dir.resolve() and r.manifest.get("status") == "complete"
-            and r.manifest.get("suite") == current.get("suite") and r.manifest["started_at"] <= current["started_at"]]
+def earlier_results(run_dir: Path, limit: int) -> list[tuple[Run, dict[str, Any]]]:
+    """The results of the last ``limit`` complete runs of the same suite in the same output root that
+    started before this one; a damaged one is skipped with a warning, never failing this run."""
+    current = read_manifest(run_dir)
+    earlier = [r for r in list_runs(run_dir.parent)
+               if r.path.resolve() != run_dir.resolve() and r.manifest.get("status") == "complete"
+               and r.manifest.get("suite") == current.get("suite")
+               and r.manifest.get("started_at", "") <= current.get("started_at", "")]
+    found: list[tuple[Run, dict[str, Any]]] = []
+    for run in reversed(earlier):
+        if len(found) == limit:
+            break
+        if not (run.path / "results.json").is_file():
+            continue
+        try:
+            found.append((run, read_results(run.path / "results.json")))
+        except DamagedRunFolder as exc:
+            log.warning("trend: skipping %s (%s)", run.path, exc)
+    return found[::-1]
 
 
 def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -92,7 +87,7 @@ class Difference:
 
 
 def _cell(row: dict[str, Any]) -> str:
-    return f"{row['attack']}[{row['strength_name']}={row['strength']:g}]"
+    return cell_key(row["attack"], row["strength_name"], row["strength"])
 
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> list[Difference]:
@@ -119,22 +114,21 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> list[Difference]:
 
 def trend(run_dir: Path, current: dict[str, Any], limit: int = 10) -> dict[str, Any] | None:
     """The metrics of earlier runs in the same root, for the report; None when there are none."""
-    runs = [r for r in earlier_runs(run_dir) if r.results is not None][-limit:]
+    runs = earlier_results(run_dir, limit)
     if not runs:
         return None
     rows = []
     for row in current["results"]:
         history = []
-        for run in runs:
-            match = next((r for r in run.results["results"] if _cell(r) == _cell(row)  # type: ignore[index]
+        for _, results in runs:
+            match = next((r for r in results["results"] if _cell(r) == _cell(row)
                           and r["detector"] == row["detector"] and r["protocol"] == row["protocol"]), None)
             history.append(None if match is None else match["auroc"])
         rows.append({"cell": _cell(row), "detector": row["detector"], "protocol": row["protocol"], "history": history,
                      "current": row["auroc"]})
-    flagged = {(d.cell, d.detector, d.protocol, d.metric) for d in compare(runs[-1].results, current)  # type: ignore[arg-type]
-               if d.regression}
+    flagged = {(d.cell, d.detector, d.protocol, d.metric) for d in compare(runs[-1][1], current) if d.regression}
     for row in rows:
         row["regression"] = (row["cell"], row["detector"], row["protocol"], "auroc") in flagged
     asr_regressions = sorted(cell for cell, _, _, metric in flagged if metric == "attack_success_rate")
-    return {"runs": [r.path.name for r in runs], "rows": rows, "asr_regressions": asr_regressions,
+    return {"runs": [r.path.name for r, _ in runs], "rows": rows, "asr_regressions": asr_regressions,
             "regressions": len(flagged)}

@@ -53,7 +53,7 @@ def bootstrap_auroc_ci(clean_scores: np.ndarray, adversarial_scores: np.ndarray,
 
     aurocs = np.einsum("ba,ac,bc->b", weights(len(adversarial)), wins, weights(len(clean)))
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(aurocs, [tail, 100 - tail])
+    low, high = np.clip(np.percentile(aurocs, [tail, 100 - tail]), 0.0, 1.0)  # the einsum's rounding can pass 1
     return float(low), float(high)
 
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from advdetect.datasets import DataOptions, load_data
 from advdetect.errors import UsageError
 from advdetect.records import AttackRecord, derive_seed
-from advdetect.storage import load_arrays, save_arrays, write_json
+from advdetect.rundir import cell_paths, sample_arrays
+from advdetect.storage import save_arrays, write_json
 
 BUILTIN_SETS = ("uniform", "corrupted", "photos", "digits")
 CORRUPTION_SIGMA = 0.5
@@ -91,7 +92,7 @@ def ood_inputs(spec: str, clean: torch.Tensor, seed: int) -> torch.Tensor:
 def ood_stage(run_dir: Path, specs: list[str], seed: int) -> list[AttackRecord]:
     """Write one cell per out-of-distribution set; the positives are paired by row with the
     correctly classified clean inputs."""
-    sample = load_arrays(run_dir / "sample.npz")
+    sample = sample_arrays(run_dir)
     clean = torch.from_numpy(sample["x"][sample["pred"] == sample["y"]])
     records = []
     for index, spec in enumerate(specs):
@@ -106,7 +107,8 @@ def ood_stage(run_dir: Path, specs: list[str], seed: int) -> list[AttackRecord]:
                               n_attacked=len(clean), n_fooled=int(present.sum()), attack_success_rate=None,
                               mean_linf=None, max_linf=None, mean_l2=None, max_l2=None,
                               seconds=round(time.perf_counter() - started, 3))
-        save_arrays(run_dir / "adversarial" / f"{record.slug}.npz", x_adv=x, fooled=present)
-        write_json(run_dir / "adversarial" / f"{record.slug}.json", record.to_dict())
+        record_path, arrays_path = cell_paths(run_dir, record.slug)
+        save_arrays(arrays_path, x_adv=x, fooled=present)
+        write_json(record_path, record.to_dict())
         records.append(record)
     return records

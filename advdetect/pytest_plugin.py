@@ -41,7 +41,7 @@ class _Audit:
         if self._error is not None:
             raise self._error
         if self._document is None:
-            from advdetect.cli import run_audit
+            from advdetect.pipeline import run_audit
 
             try:
                 _, self._document = run_audit(self.options, Path(self.out) if self.out else None)

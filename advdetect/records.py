@@ -1,23 +1,37 @@
-"""Small typed records that stages hand each other through the run folder.
-
-Run folder layout (every file written atomically):
-
-- ``run.json``: :class:`RunInfo`, what was audited and how; stage timings.
-- ``sample.npz``: the audited inputs ``x`` (float32, [0, 1]), labels ``y``, clean predictions ``pred``.
-- ``reference.npz``: clean reference inputs ``x`` and labels ``y``, disjoint from the sample.
-- ``adversarial/<cell>.npz`` and ``.json``: one attack cell's outputs and :class:`AttackRecord`.
-- ``detection.json``: :class:`ResultRow` list; ``scores/<cell>.npz``: test scores, keyed
-  ``<protocol>__<detector>__clean`` and ``..__adversarial``.
-- ``results.json``, ``report.html``, ``report.pdf``: the report stage's outputs.
-"""
+"""Small typed records that stages hand each other through the run folder (see
+:mod:`advdetect.rundir`). Reading one back checks every field's type, so a damaged file is
+refused with the field it lacks instead of failing later."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import math
+import types
+import typing
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Union
 
 RESULTS_SCHEMA = 1
+
+
+def format_strength(value: float) -> str:
+    """The shortest text that reads back as ``value``: ``0.1``, ``8/255`` as ``0.0313725``... only
+    when that is exact, so two strengths never print alike."""
+    short = format(value, "g")
+    return short if float(short) == value else repr(float(value))
+
+
+def cell_key(attack: str, strength_name: str, strength: float) -> str:
+    """``pgd[eps=0.1]``: how results, checks and history name one attack at one strength."""
+    return f"{attack}[{strength_name}={format_strength(strength)}]"
+
+
+def cell_slug(attack: str, strength_name: str, strength: float) -> str:
+    """A file-name form of :func:`cell_key`; distinct keys of one suite give distinct slugs
+    (the suite checks it)."""
+    text = f"{attack}_{strength_name}-{format_strength(strength).replace('+', '')}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -26,14 +40,63 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type hint of the records (scalars, unions, lists and dicts of them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    raise TypeError(f"no check for type hint {hint!r}")
+
+
 class Record:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):  # type: ignore[no-untyped-def]
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: Any):  # type: ignore[no-untyped-def]
+        """The record from its JSON form; ValueError naming the first field that is missing or of
+        the wrong type. Keys it does not know are ignored (written by a newer version)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ValueError(f"the field {f.name!r} is missing")
+                continue
+            if not _matches(data[f.name], hints[f.name]):
+                raise ValueError(f"the field {f.name!r} is {json_preview(data[f.name])}, not {_hint_text(hints[f.name])}")
+            values[f.name] = data[f.name]
+        record = cls(**values)
+        record.check()
+        return record
+
+    def check(self) -> None:
+        """Raise ValueError when values contradict each other."""
+
+
+def json_preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _hint_text(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 @dataclass
@@ -53,6 +116,29 @@ class RunInfo(Record):
     noisy_negatives: bool = False
     attack_cache_hits: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: (key, slug) of every cell, in suite order: the attack cells, or an OOD run's sets
+    cells: list[list[str]] = field(default_factory=list)
+    #: each stage's state, "running" or "complete": a report needs a complete detect stage
+    stages: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        for cell in self.cells:
+            if len(cell) != 2 or not is_slug(cell[1]):
+                raise ValueError(f"the cell entry {json_preview(cell)} is not a [key, file name] pair")
+        if not 0 <= self.clean_accuracy <= 1 or not 0 < self.fit_fraction < 1 or self.batch_size < 1:
+            raise ValueError("clean_accuracy, fit_fraction or batch_size is out of range")
+
+
+def is_slug(text: str) -> bool:
+    """A file name of the run folder: no separator, not hidden."""
+    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", text) is not None
+
+
+def _fractions(record: Record, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(record, name)
+        if value is not None and not -1e-9 <= value <= 1 + 1e-9:  # rounding of earlier versions
+            raise ValueError(f"the field {name!r} is {value}, outside [0, 1]")
 
 
 @dataclass
@@ -73,6 +159,13 @@ class AttackRecord(Record):
     mean_l2: float | None
     max_l2: float | None
     seconds: float
+
+    def check(self) -> None:
+        if not is_slug(self.slug):
+            raise ValueError(f"the field 'slug' is {json_preview(self.slug)}, not a plain file name")
+        if not 0 <= self.n_fooled <= self.n_attacked:
+            raise ValueError(f"n_fooled {self.n_fooled} is not between 0 and n_attacked {self.n_attacked}")
+        _fractions(self, ("attack_success_rate",))
 
 
 @dataclass
@@ -97,3 +190,11 @@ class ResultRow(Record):
     negatives: str = "clean"
     reason: str | None = None
     detector_params: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if min(self.n_clean, self.n_adv, self.n_fit) < 0:
+            raise ValueError("a count (n_clean, n_adv, n_fit) is negative")
+        _fractions(self, ("attack_success_rate", "auroc", "auroc_ci_low", "auroc_ci_high", "aupr_in", "aupr_out",
+                          "fpr_at_95tpr", "tnr_at_95tpr", "detection_accuracy"))
+        if self.auroc is None and not self.reason:
+            raise ValueError("a row without AUROC gives no reason")

@@ -19,12 +19,15 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from advdetect.audit import read_attack_records, read_run, run_suite, update_run  # noqa: E402
 from advdetect.detection import PROTOCOLS  # noqa: E402
-from advdetect.history import MANIFEST, trend  # noqa: E402
-from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo  # noqa: E402
-from advdetect.storage import atomic_write, load_arrays, read_json, write_bytes, write_json  # noqa: E402
-from advdetect.suite import format_strength  # noqa: E402
+from advdetect.history import trend  # noqa: E402
+from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo, format_strength  # noqa: E402
+from advdetect.rundir import MANIFEST, read_attack_records, read_detection, read_run, read_scores, update_run  # noqa: E402
+from advdetect.storage import atomic_write, write_bytes, write_json  # noqa: E402
+
+#: User strings (suite names, attack ids, model specs) reach titles and labels: drawn as typed,
+#: never as matplotlib math text, where a pair of "$" would fail or change the text.
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 DETECTOR_COLORS = plt.get_cmap("tab10").colors
 
@@ -47,15 +50,15 @@ class Cell:
 
 
 def load_cells(run_dir: Path) -> tuple[RunInfo, list[Cell]]:
+    """The run's cells with their rows and scores; refuses a run whose detect stage did not finish,
+    so a report is never built from part of a run."""
     info = read_run(run_dir)
-    records = read_attack_records(run_dir)
-    detection = run_dir / "detection.json"
-    rows = [ResultRow.from_dict(r) for r in read_json(detection)] if detection.is_file() else []
+    records = read_attack_records(run_dir, info)
+    rows = read_detection(run_dir, info, records)
     cells = []
     for record in records:
         cell_rows = [r for r in rows if r.attack == record.attack and r.strength == record.strength]
-        scores_path = run_dir / "scores" / f"{record.slug}.npz"
-        cells.append(Cell(record, cell_rows, load_arrays(scores_path) if scores_path.is_file() else {}))
+        cells.append(Cell(record, cell_rows, read_scores(run_dir, record, cell_rows)))
     return info, cells
 
 
@@ -237,7 +240,7 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
                       f"{'clean inputs and noisy copies' if info.noisy_negatives else 'clean inputs'}"),
         ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())
          + ("" if info.attack_cache_hits is None else
-            f" ({info.attack_cache_hits} of {len(run_suite(info).cells())} attack cells from the cache)")),
+            f" ({info.attack_cache_hits} of {len(info.cells)} attack cells from the cache)")),
         ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
         ("started", info.started_at),
     ]
@@ -375,8 +378,9 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     info, cells = load_cells(run_dir)
     document = results_document(info, cells)
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
-    write_pdf(run_dir / "report.pdf", info, cells, document, run_trend)
-    write_html(run_dir / "report.html", info, cells, document, run_trend)
+    with matplotlib.rc_context(LITERAL_TEXT):
+        write_pdf(run_dir / "report.pdf", info, cells, document, run_trend)
+        write_html(run_dir / "report.html", info, cells, document, run_trend)
     info = update_run(run_dir, ("report", time.perf_counter() - started))
     document["timings"] = info.timings
     write_json(run_dir / "results.json", document)

@@ -50,8 +50,13 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """JSON as advdetect writes it: NaN and Infinity, which the standard forbids, are refused."""
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
 
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
@@ -59,5 +64,9 @@ def save_arrays(path: Path, **arrays: np.ndarray) -> None:
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an npz archive; ValueError for anything else (numpy would try it as a pickle)."""
+    with path.open("rb") as handle:
+        if handle.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip file; the second, an empty one
+            raise ValueError("not an npz archive (numpy.savez writes a zip file)")
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}

@@ -28,6 +28,7 @@ Detector variants (ablations) run beside the registered detectors under a name o
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any
 
 from advdetect.attacks import get_attack
 from advdetect.errors import UsageError
+from advdetect.records import cell_key, cell_slug
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,10 +89,6 @@ def _parse_thresholds(table: object, where: str) -> Thresholds:
     return Thresholds(detector, **values)
 
 
-def format_strength(value: float) -> str:
-    return format(value, "g")
-
-
 @dataclass(frozen=True)
 class AttackCell:
     """One attack at one strength: the unit of attack work and of every result row."""
@@ -103,12 +101,11 @@ class AttackCell:
 
     @property
     def key(self) -> str:
-        return f"{self.attack}[{self.strength_name}={format_strength(self.strength)}]"
+        return cell_key(self.attack, self.strength_name, self.strength)
 
     @property
     def slug(self) -> str:
-        """A file-name-safe form of :attr:`key`."""
-        return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{self.attack}_{self.strength_name}-{format_strength(self.strength)}")
+        return cell_slug(self.attack, self.strength_name, self.strength)
 
     def constructor_params(self) -> dict[str, Scalar]:
         return {**self.params, self.strength_name: self.strength}
@@ -232,6 +229,12 @@ def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
     duplicates = sorted({a for a in ids if ids.count(a) > 1})
     if duplicates:
         raise UsageError(f"{source}: attack {', '.join(duplicates)} appears twice; give each an 'id' = \"...\" of its own")
+    slugs: dict[str, str] = {}
+    for cell in (cell for spec in specs for cell in spec.cells()):
+        other = slugs.setdefault(cell.slug.lower(), cell.key)
+        if other != cell.key:
+            raise UsageError(f"{source}: cells {other} and {cell.key} would share the file name {cell.slug}; "
+                             f"give one of the attacks another 'id'")
     thresholds = _parse_thresholds(doc.get("thresholds", {}), f"{source}: [thresholds]")
     variants = doc.get("detector", {})
     if not isinstance(variants, dict) or not all(isinstance(t, dict) for t in variants.values()):
@@ -242,7 +245,7 @@ def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
 
 
 def _parse_detector(name: str, table: dict[str, Any], where: str) -> DetectorVariant:
-    from advdetect.detectors import DETECTORS, get_detector
+    from advdetect.detectors import DETECTORS, check_params, get_detector
 
     if name in DETECTORS or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise UsageError(f"{where}: a variant needs a name of its own (letters, digits, '.', '_', '-'), "
@@ -257,6 +260,7 @@ def _parse_detector(name: str, table: dict[str, Any], where: str) -> DetectorVar
         raise UsageError(f"{where}: unknown argument(s) {', '.join(unknown)} for {base}; valid: {', '.join(valid)}")
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     try:
+        check_params(get_detector(base), params)
         get_detector(base)(**params)._validate()
     except ValueError as exc:
         raise UsageError(f"{where}: {exc}") from None
@@ -284,12 +288,18 @@ def _parse_attack(table: dict[str, Any], where: str) -> AttackSpec:
         raise UsageError(f"{where}: give exactly one list-valued keyword as the strength axis ({found})")
     axis = axes[0]
     strengths = table.pop(axis)
-    if not strengths or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in strengths):
-        raise UsageError(f"{where}: strength axis {axis!r} must be a non-empty list of numbers")
+    if not strengths or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                                for v in strengths):
+        raise UsageError(f"{where}: strength axis {axis!r} must be a non-empty list of finite numbers >= 0; "
+                         f"got {strengths!r}")
     if len(set(strengths)) != len(strengths):
         raise UsageError(f"{where}: strength axis {axis!r} repeats a value")
-    for key, value in table.items():
+    for key, value in [*table.items(), *((axis, v) for v in strengths)]:
         if not isinstance(value, (int, float, str, bool)):
             raise UsageError(f"{where}: keyword {key!r} must be a number, string or boolean")
+        try:
+            entry.check_value(key, value)
+        except ValueError as exc:
+            raise UsageError(f"{where}: {exc}") from None
     return AttackSpec(attack=attack_id.lower(), attack_name=entry.name, strength_name=axis,
                       strengths=tuple(strengths), params=table, thresholds=thresholds)

@@ -57,8 +57,8 @@ def test_select_keeps_named_attacks_and_rejects_others():
         ('[[attack]]\nname = "pgd"\neps = [0.1]\nepsilon = 3', r"unknown keyword\(s\) epsilon; valid: eps, alpha, steps, random_start"),
         ('[[attack]]\nname = "pgd"\neps = 0.1', r"exactly one list-valued keyword .*found none"),
         ('[[attack]]\nname = "pgd"\neps = [0.1]\nsteps = [1, 2]', r"exactly one list-valued keyword .*found eps, steps"),
-        ('[[attack]]\nname = "pgd"\neps = []', r"non-empty list of numbers"),
-        ('[[attack]]\nname = "pgd"\neps = ["a"]', r"non-empty list of numbers"),
+        ('[[attack]]\nname = "pgd"\neps = []', r"non-empty list of finite numbers"),
+        ('[[attack]]\nname = "pgd"\neps = ["a"]', r"non-empty list of finite numbers"),
         ('[[attack]]\nname = "pgd"\neps = [0.1, 0.1]', r"repeats a value"),
         ('[[attack]]\neps = [0.1]', r"missing 'name'"),
         ('[[attack]]\nname = "pgd"\neps = [0.1]\n[[attack]]\nname = "pgd"\neps = [0.2]', r"appears twice; give each an 'id'"),
@@ -136,3 +136,10 @@ def test_detector_variants_parse_and_round_trip():
 def test_invalid_detector_variants(variant, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         parse_suite(PGD + variant, "s", "s.toml")
+
+
+def test_cell_keys_and_file_names_are_lossless():
+    suite = parse_suite('[[attack]]\nname = "fgsm"\neps = [0.3, 0.30000001, 1e+20, 1e-20, 0.1]\n', "s", "s")
+    keys, slugs = [c.key for c in suite.cells()], [c.slug for c in suite.cells()]
+    assert keys == ["fgsm[eps=0.3]", "fgsm[eps=0.30000001]", "fgsm[eps=1e+20]", "fgsm[eps=1e-20]", "fgsm[eps=0.1]"]
+    assert len(set(slugs)) == len(slugs) == 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,11 +30,53 @@ class AttackEntry:
 
     @property
     def keywords(self) -> tuple[str, ...]:
+        return tuple(self.defaults())
+
+    def defaults(self) -> dict[str, Any]:
         params = list(inspect.signature(self.factory).parameters.values())[1:]  # drop the model
-        return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    def check_value(self, keyword: str, value: Any) -> None:
+        """Raise ValueError when ``value`` cannot be the ``keyword`` argument, judged by the type of
+        its default (torchattacks checks almost nothing, and fails deep in an attack instead)."""
+        default = self.defaults().get(keyword, inspect.Parameter.empty)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and not math.isfinite(value):
+            raise ValueError(f"{keyword} must be a finite number; got {value}")
+        if isinstance(default, bool):
+            wanted = "true or false" if not isinstance(value, bool) else None
+        elif (isinstance(default, int) and keyword not in REAL_VALUED) or (default is None and keyword == "seed"):
+            wanted = "a whole number" if not (number and isinstance(value, int)) else None
+        elif isinstance(default, (int, float)):
+            wanted = "a number" if not number else None
+        elif isinstance(default, str):
+            wanted = "a string" if not isinstance(value, str) else None
+        elif default is inspect.Parameter.empty or default is None:
+            wanted = None
+        else:
+            wanted = f"a {type(default).__name__}, which a suite cannot give"
+        if wanted:
+            raise ValueError(f"{keyword} must be {wanted}; got {value!r}")
+        least = 1 if keyword in PROBE_BUDGET else 0  # the trial run cuts budgets to 1: check them here
+        if number and value < least:
+            raise ValueError(f"{keyword} must be at least {least}; got {value!r}")
 
     def build(self, model: torch.nn.Module, **params: Any) -> Any:
         return self.factory(model, **params)
+
+    def probe_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with every iteration budget cut to its least, for a quick trial run."""
+        return {**params, **{k: v for k, v in PROBE_BUDGET.items() if k in self.keywords}}
+
+
+#: Keywords whose torchattacks default is a whole number but that take any number.
+REAL_VALUED = frozenset({"c", "kappa", "lam", "scale", "nsig"})
+#: Iteration budgets of the trial run that checks each attack cell before an audit.
+PROBE_BUDGET = {"steps": 1, "max_iterations": 1, "max_iter": 1, "n_queries": 2, "nb_iter": 1, "num_iter_set": 1,
+                "restarts": 1, "binary_search_steps": 1, "n_restarts": 1, "eot_iter": 1, "popsize": 2, "nb_sample": 2,
+                "noise_batch_size": 1}
+#: Attacks whose budget no keyword sets (AutoAttack runs four attacks of fixed length): built, not run, in the trial.
+NOT_PROBED = frozenset({"autoattack"})
 
 
 ATTACKS: dict[str, AttackEntry] = {}

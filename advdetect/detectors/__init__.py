@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import pkgutil
 from typing import TYPE_CHECKING, Iterable, TypeVar
 
@@ -29,6 +31,40 @@ def get_detector(name: str) -> type[Detector]:
         return DETECTORS[name]
     except KeyError:
         raise UsageError(f"unknown detector {name!r}; valid detectors: {', '.join(sorted(DETECTORS))}") from None
+
+
+#: Hyperparameters that may be 0 (all other numbers must be positive).
+ZERO_ALLOWED = frozenset({"noises", "epsilons", "seed", "dropout"})
+
+
+def check_params(cls: type[Detector], params: dict[str, object]) -> None:
+    """Raise ValueError unless every value fits the type of the hyperparameter's default: whole
+    numbers for counts (``cv`` at least 2), finite positive numbers, lists for sequences."""
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+    for name, value in params.items():
+        default = defaults.get(name)
+        if isinstance(default, (tuple, list)):
+            if not isinstance(value, (tuple, list)) or (default and not value):
+                raise ValueError(f"{name} must be a{' non-empty' if default else ''} list; got {value!r}")
+            for item in value:
+                _check_scalar(name, item, default[0] if default else "")
+        else:
+            _check_scalar(name, value, default)
+
+
+def _check_scalar(name: str, value: object, default: object) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool) or isinstance(default, str):
+        if type(value) is not type(default):
+            raise ValueError(f"{name} must be {'true or false' if isinstance(default, bool) else 'a string'}; got {value!r}")
+        return
+    if isinstance(default, int) and not (number and isinstance(value, int)):
+        raise ValueError(f"{name} must be a whole number; got {value!r}")
+    if not number or not math.isfinite(value):  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    low = 0 if name in ZERO_ALLOWED else (2 if name == "cv" else (1 if isinstance(default, int) else 0))
+    if value < low or (value == 0 and name not in ZERO_ALLOWED) or (name == "dropout" and value >= 1):  # type: ignore[operator]
+        raise ValueError(f"{name} {value!r} is out of range")
 
 
 def build_detector(name: str, variants: Iterable["DetectorVariant"] = ()) -> Detector:

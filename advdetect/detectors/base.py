@@ -44,6 +44,9 @@ class Detector(BaseEstimator, ABC):
     def _validate(self) -> None:
         """Raise ValueError on a bad hyperparameter, before any work."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError when a hyperparameter cannot apply to ``model`` (checked before an audit's work)."""
+
     def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> "Detector":
         """Fit model-space state on clean reference inputs with their labels."""
         return self

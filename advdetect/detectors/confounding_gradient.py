@@ -74,14 +74,22 @@ class ConfoundingSignatures(Detector):
     def signature_key(self) -> tuple:
         return ("confounding_gradient", self.label, self.loss, self.norm, tuple(self.layers), self.with_outputs)
 
+    def check_model(self, model: nn.Module) -> None:
+        self._kept(model)
+
+    def _kept(self, model: nn.Module) -> list[int] | slice:
+        if not self.layers:
+            return slice(None)
+        names = parameter_names(model)
+        for pattern in self.layers:
+            if not any(fnmatch(name, pattern) for name in names):
+                raise ValueError(f"layers pattern {pattern!r} matches no parameter of the model; its names look like "
+                                 f"{', '.join(names[:3])}")
+        return [i for i, name in enumerate(names) if any(fnmatch(name, p) for p in self.layers)]
+
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         self._validate()
-        keep = slice(None)
-        if self.layers:
-            keep = [i for i, name in enumerate(parameter_names(model)) if any(fnmatch(name, p) for p in self.layers)]
-            if not keep:
-                raise ValueError(f"{self.name}: no parameter name matches layers {list(self.layers)}; "
-                                 f"names look like {parameter_names(model)[:3]}")
+        keep = self._kept(model)
         blocks = [confounding_gradient_features(model, inputs, batch_size=batch_size, label=label, loss=self.loss,
                                                 norm=self.norm).numpy()[:, keep] for label in self.label.split("+")]
         if self.with_outputs:

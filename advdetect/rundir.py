@@ -1,0 +1,363 @@
+"""The run folder: every file an audit's stages hand each other, read and written in one place.
+
+Layout (every file written atomically, to a temporary name renamed into place):
+
+- ``.advdetect-run``: created exclusively when the folder is claimed, so two audits never share a
+  folder; every command that writes into the run holds a lock on it.
+- ``run.json``: :class:`~advdetect.records.RunInfo`, what was audited and how; stage states and timings.
+- ``manifest.json``: provenance for ``history`` and ``compare`` (status, hashes, verdict).
+- ``sample.npz``: the audited inputs ``x`` (float32, [0, 1]), labels ``y``, clean predictions ``pred``
+  and ``logits``.
+- ``reference.npz``: clean reference inputs ``x`` and labels ``y``, disjoint from the sample.
+- ``adversarial/<cell>.npz`` and ``.json``: one cell's outputs and :class:`~advdetect.records.AttackRecord`.
+- ``detection.json``: :class:`~advdetect.records.ResultRow` list; ``scores/<cell>.npz``: test
+  scores, keyed ``<protocol>__<detector>__clean`` and ``..__adversarial``.
+- ``results.json``, ``report.html``, ``report.pdf``: the report stage's outputs.
+- ``error.log``: the traceback of an internal error, when there was one.
+
+Every reader checks what it reads and raises :class:`~advdetect.errors.DamagedRunFolder` naming
+the file and what is wrong with it, so a damaged folder costs one line, never a traceback or a
+wrong number. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from advdetect.errors import DamagedRunFolder, UsageError
+from advdetect.records import AttackRecord, Record, ResultRow, RunInfo, json_preview
+from advdetect.storage import load_arrays, read_json, write_json
+
+RUN_JSON = "run.json"
+MANIFEST = "manifest.json"
+CLAIM = ".advdetect-run"
+ERROR_LOG = "error.log"
+COMPLETE, RUNNING = "complete", "running"
+
+
+# --- claiming and locking -----------------------------------------------------------------------
+
+
+def check_creatable(path: Path, flag: str, *, empty: bool = False) -> None:
+    """Raise a UsageError unless ``path`` is, or can be created as, a writable folder (an empty
+    one with ``empty``)."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{flag} {path} is a link to {os.readlink(path)}, which does not exist; give another path")
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {path} is a file, not a folder; give a folder path")
+        if empty and any(path.iterdir()):
+            raise UsageError(f"{flag} {path} already exists and is not empty; give a new folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path} is not writable")
+        return
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        if ancestor.is_symlink():
+            raise UsageError(f"{flag} {path} lies behind {ancestor}, a link to {os.readlink(ancestor)}, which does "
+                             f"not exist; give another path")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {path} lies inside {ancestor}, which is a file; give a path in a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be created: {ancestor} is not writable")
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Raise a UsageError unless a file can be written at ``path``."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file path such as {path / 'audit.xml'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path} is not writable")
+    check_creatable(path.parent, f"{flag}'s folder")
+
+
+def claim(path: Path) -> Path:
+    """Create the run folder ``path`` (or take it when it exists and is empty) for this process
+    alone; raise a UsageError when another run holds it."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise UsageError(f"{path} already holds a run; give a new --out") from None
+    return path
+
+
+def claim_new(root: Path, stamp: str) -> Path:
+    """A new run folder ``root/stamp``, or ``root/stamp-2``, ``-3``, ... when another process took
+    that name first: folders are created exclusively, so two audits never share one."""
+    root.mkdir(parents=True, exist_ok=True)
+    for counter in range(1, 10_000):
+        candidate = root / (stamp if counter == 1 else f"{stamp}-{counter}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return claim(candidate)
+    raise UsageError(f"{root} holds too many runs named {stamp}*; give --out")
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock: a second command writing the same run waits for nothing and
+    is refused at once."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    handle = open(run_dir / CLAIM, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise UsageError(f"{run_dir} is in use by another advdetect command; wait for it to finish") from None
+            raise
+        yield
+    finally:
+        handle.close()
+
+
+def is_held(run_dir: Path) -> bool:
+    """Whether a running command holds the run folder (a run marked running that nobody holds was killed)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return True
+    if not (run_dir / CLAIM).is_file():
+        return False
+    with open(run_dir / CLAIM, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        return False
+
+
+# --- reading, checked ---------------------------------------------------------------------------
+
+
+def damaged(path: Path, problem: str, hint: str = "") -> DamagedRunFolder:
+    return DamagedRunFolder(f"damaged run folder: {path}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+def read_checked_json(path: Path, hint: str = "") -> Any:
+    if not path.is_file():
+        raise damaged(path, "missing", hint)
+    try:
+        return read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise damaged(path, f"not valid JSON ({exc})", hint) from None
+
+
+def parse(cls: type[Record], data: Any, path: Path, where: str = "", hint: str = "") -> Any:
+    try:
+        return cls.from_dict(data)
+    except ValueError as exc:
+        raise damaged(path, f"{where}{exc}", hint) from None
+
+
+def read_arrays(path: Path, shapes: dict[str, tuple[str, tuple[int | None, ...]]], hint: str = "") -> dict[str, np.ndarray]:
+    """Arrays of an npz file, each checked against ``shapes``: name -> (dtype kinds, shape with
+    None for any length)."""
+    if not path.is_file():
+        raise damaged(path, "missing", hint)
+    try:
+        arrays = load_arrays(path)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise damaged(path, "holds Python objects, which advdetect never writes", hint) from None
+        raise damaged(path, str(exc), hint) from None
+    except Exception as exc:  # zipfile, zlib and numpy each raise their own kinds on a damaged archive
+        raise damaged(path, f"not a readable npz archive ({type(exc).__name__}: {exc})", hint) from None
+    for name, (kinds, shape) in shapes.items():
+        if name not in arrays:
+            raise damaged(path, f"lacks the array {name!r}", hint)
+        array = arrays[name]
+        if array.dtype.kind not in kinds or array.ndim != len(shape) or any(
+                want is not None and got != want for got, want in zip(array.shape, shape)):
+            raise damaged(path, f"the array {name!r} has dtype {array.dtype} and shape {array.shape}, expected "
+                                f"{'/'.join(kinds)} of shape {tuple('N' if s is None else s for s in shape)}", hint)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise damaged(path, f"the array {name!r} holds NaN or infinite values", hint)
+    return arrays
+
+
+def read_run(run_dir: Path) -> RunInfo:
+    path = run_dir / RUN_JSON
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder {run_dir} not found")
+    if not path.exists():
+        raise UsageError(f"{run_dir} is not an audit run folder (no {RUN_JSON}); run 'advdetect audit' first")
+    info: RunInfo = parse(RunInfo, read_checked_json(path), path)
+    if not info.cells:
+        info.cells = legacy_cells(info, path)
+    return info
+
+
+def legacy_cells(info: RunInfo, path: Path) -> list[list[str]]:
+    """The cells of a run folder written before ``run.json`` listed them."""
+    if "ood_sets" in info.suite:
+        return [[f"ood[{name}]", f"ood_{name}"] for name in info.suite["ood_sets"]]
+    from advdetect.suite import suite_from_document
+
+    try:
+        suite = suite_from_document(info.suite["document"], info.suite["name"], info.suite["source"])
+    except (KeyError, TypeError, UsageError) as exc:
+        raise damaged(path, f"its suite cannot be read back ({exc})") from None
+    return [[cell.key, cell.slug] for cell in suite.cells()]
+
+
+def update_run(run_dir: Path, timing: tuple[str, float] | None = None, **fields: object) -> RunInfo:
+    """Record a stage's seconds and/or other fields in run.json."""
+    info = read_run(run_dir)
+    if timing:
+        info.timings[timing[0]] = round(timing[1], 3)
+    for name, value in fields.items():
+        setattr(info, name, value)
+    write_json(run_dir / RUN_JSON, info.to_dict())
+    return info
+
+
+def set_stage(run_dir: Path, stage: str, state: str) -> None:
+    info = read_run(run_dir)
+    update_run(run_dir, stages={**info.stages, stage: state})
+
+
+def detection_complete(run_dir: Path, info: RunInfo) -> bool:
+    if "detect" in info.stages:
+        return info.stages["detect"] == COMPLETE
+    return (run_dir / "detection.json").is_file()  # written before run.json had stages
+
+
+def sample_arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    path = run_dir / "sample.npz"
+    arrays = read_arrays(path, {"x": ("f", (None, None, None, None)), "y": ("iu", (None,)), "pred": ("iu", (None,))})
+    if not len(arrays["x"]) == len(arrays["y"]) == len(arrays["pred"]):
+        raise damaged(path, "x, y and pred differ in length")
+    return arrays
+
+
+def reference_arrays(run_dir: Path, image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    path = run_dir / "reference.npz"
+    arrays = read_arrays(path, {"x": ("f", (None, *image_shape)), "y": ("iu", (None,))})
+    if len(arrays["x"]) != len(arrays["y"]):
+        raise damaged(path, "x and y differ in length")
+    return arrays
+
+
+def cell_paths(run_dir: Path, slug: str) -> tuple[Path, Path]:
+    return run_dir / "adversarial" / f"{slug}.json", run_dir / "adversarial" / f"{slug}.npz"
+
+
+def read_attack_records(run_dir: Path, info: RunInfo | None = None) -> list[AttackRecord]:
+    """The records of every cell of the run; refuses a run whose attack stage did not finish."""
+    info = info or read_run(run_dir)
+    records = []
+    for key, slug in info.cells:
+        path, _ = cell_paths(run_dir, slug)
+        if not path.exists():
+            raise UsageError(f"{run_dir}: cell {key} has no results: the attack stage did not finish; run the same "
+                             f"audit again into a new folder (finished cells come from the attack cache)")
+        record: AttackRecord = parse(AttackRecord, read_checked_json(path), path)
+        if (record.key, record.slug) != (key, slug):
+            raise damaged(path, f"it holds cell {json_preview(record.key)}, not {key}")
+        records.append(record)
+    return records
+
+
+def cell_arrays(run_dir: Path, record: AttackRecord, n_correct: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A cell's ``x_adv`` and ``fooled``, one row per correctly classified input."""
+    _, path = cell_paths(run_dir, record.slug)
+    arrays = read_arrays(path, {"x_adv": ("f", (n_correct, *image_shape)), "fooled": ("b", (n_correct,))})
+    if int(arrays["fooled"].sum()) != record.n_fooled:
+        raise damaged(path, f"it marks {int(arrays['fooled'].sum())} inputs fooled, its record {record.n_fooled}")
+    return arrays
+
+
+def read_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord]) -> list[ResultRow]:
+    """The detect stage's rows; refuses an unfinished or partial detect stage."""
+    hint = f"run 'advdetect detect {run_dir}' to redo the detect stage"
+    if not detection_complete(run_dir, info):
+        raise UsageError(f"{run_dir}: the detect stage has not finished, so a report would be built from part of "
+                         f"the run; {hint}")
+    path = run_dir / "detection.json"
+    data = read_checked_json(path, hint)
+    if not isinstance(data, list):
+        raise damaged(path, f"expected a list of result rows, found {type(data).__name__}", hint)
+    rows: list[ResultRow] = [parse(ResultRow, row, path, f"row {i + 1}: ", hint) for i, row in enumerate(data)]
+    have = {(r.attack, r.strength, r.detector) for r in rows}
+    for record in records:
+        for detector in info.detectors:
+            if (record.attack, record.strength, detector) not in have:
+                raise damaged(path, f"it has no row for {detector} on {record.key}", hint)
+    return rows
+
+
+def read_scores(run_dir: Path, record: AttackRecord, rows: list[ResultRow]) -> dict[str, np.ndarray]:
+    """The test scores of one cell's scored rows."""
+    path = run_dir / "scores" / f"{record.slug}.npz"
+    hint = f"run 'advdetect detect {run_dir}' to redo the detect stage"
+    shapes = {}
+    for row in rows:
+        if row.auroc is not None:
+            shapes[f"{row.protocol}__{row.detector}__clean"] = ("f", (row.n_clean,))
+            shapes[f"{row.protocol}__{row.detector}__adversarial"] = ("f", (row.n_adv,))
+    if not shapes and not path.exists():
+        return {}
+    return read_arrays(path, shapes, hint)
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A ``results.json`` document, its attack records and result rows checked."""
+    document = read_checked_json(path)
+    if not isinstance(document, dict):
+        raise damaged(path, f"expected a JSON object, found {type(document).__name__}")
+    for name in ("attacks", "results"):
+        if not isinstance(document.get(name), list):
+            raise damaged(path, f"the field {name!r} is missing or not a list")
+    for i, attack in enumerate(document["attacks"]):
+        parse(AttackRecord, attack, path, f"attack {i + 1}: ")
+    for i, row in enumerate(document["results"]):
+        parse(ResultRow, row, path, f"result {i + 1}: ")
+    return document
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / MANIFEST
+    manifest = read_checked_json(path)
+    if not isinstance(manifest, dict):
+        raise damaged(path, f"expected a JSON object, found {type(manifest).__name__}")
+    for name, kinds in (("started_at", str), ("status", str), ("suite", str), ("clean_accuracy", (int, float)),
+                        ("n", int), ("verdict", dict)):
+        if name in manifest and not isinstance(manifest[name], kinds):
+            raise damaged(path, f"the field {name!r} is {json_preview(manifest[name])}")
+    verdict = manifest.get("verdict")
+    if verdict is not None and not all(isinstance(verdict.get(k), int) for k in ("passed", "failed")):
+        raise damaged(path, "its verdict lacks whole-number 'passed' and 'failed' counts")
+    return manifest
+
+
+def write_manifest(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Create or update the run's manifest; the first call records the command line."""
+    import sys
+
+    path = run_dir / MANIFEST
+    manifest = read_manifest(run_dir) if path.is_file() else {"schema": 1, "command": sys.argv}
+    manifest.update(fields)
+    write_json(path, manifest)
+    return manifest
+
+
+def json_sha256(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
