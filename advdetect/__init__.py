@@ -1,6 +1,41 @@
-"""advdetect: audit image classifiers for adversarial robustness and adversarial-input detection."""
+"""advdetect: adversarial-robustness audits of image classifiers (attack, detect, report).
 
-from advdetect.features import confounding_gradient_features
+The public API, imported on first use so that ``import advdetect.report`` stays free of torch::
+
+    result = advdetect.audit(model, (x, y), suite="default", out="reports/run1")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from advdetect.api import AuditResult, Verdict, audit
+    from advdetect.detectors import DETECTORS, Detector, register_detector
+    from advdetect.errors import ExitCode, UsageError
+    from advdetect.features import confounding_gradient_features
+    from advdetect.records import AttackRecord, ResultRow
+    from advdetect.suite import Suite, load_suite
 
 __version__ = "0.1.0"
-__all__ = ["confounding_gradient_features", "__version__"]
+
+_EXPORTS = {
+    "audit": "advdetect.api", "AuditResult": "advdetect.api", "Verdict": "advdetect.api",
+    "load_suite": "advdetect.suite", "Suite": "advdetect.suite",
+    "DETECTORS": "advdetect.detectors", "Detector": "advdetect.detectors", "register_detector": "advdetect.detectors",
+    "confounding_gradient_features": "advdetect.features",
+    "AttackRecord": "advdetect.records", "ResultRow": "advdetect.records",
+    "ExitCode": "advdetect.errors", "UsageError": "advdetect.errors",
+}
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'advdetect' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from advdetect.features import (_eval_with_all_grads, confounding_gradient_features, confounding_loss,
+from advdetect.features import (eval_with_all_grads, confounding_gradient_features, confounding_loss,
                                 per_sample_loop_features)
 
 
@@ -77,7 +77,7 @@ def vmap_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) 
 
 def batched_backward(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> None:
     """The floor: one forward and backward pass of the summed loss (all weight gradients, summed)."""
-    with _eval_with_all_grads(model) as params:
+    with eval_with_all_grads(model) as params:
         for start in range(0, len(inputs), batch_size):
             torch.autograd.grad(confounding_loss(model(inputs[start : start + batch_size])).sum(), params)
 
@@ -90,7 +90,7 @@ METHODS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+def bench_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
     from advdetect.embedded import SmallCNN, TRAINING
 
     return {"default": (lambda: SmallCNN(TRAINING["width"]), (1, 28, 28)), "resnet18": (CifarResNet18, (3, 32, 32))}
@@ -113,7 +113,7 @@ def run_benchmark(models: list[str], batch: int, repeats: int, methods: list[str
     report: dict[str, Any] = {"threads": torch.get_num_threads(), "batch": batch, "repeats": repeats,
                               "torch": torch.__version__, "models": {}}
     for name in models:
-        factory, shape = _models()[name]
+        factory, shape = bench_models()[name]
         torch.manual_seed(0)
         model = factory().eval()
         inputs = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0))

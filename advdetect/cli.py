@@ -172,23 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from advdetect.audit import AuditOptions
-    from advdetect.cache import default_cache_dir
-    from advdetect.models import ModelOptions
-    from advdetect.suite import Suite, load_suite
+    from advdetect.preflight import build_options
 
-    suite = load_suite(args.suite) if hasattr(args, "suite") else Suite("ood", "advdetect ood", "", ())
-    if getattr(args, "attacks", None):
-        suite = suite.select([a.strip() for a in args.attacks.split(",") if a.strip()])
-    model_options = ModelOptions(weights=args.weights, dataset=Dataset(args.dataset),
-                                 threat_model=ThreatModel(args.threat_model), model_dir=args.model_dir,
-                                 mean=args.mean, std=args.std)
-    return AuditOptions(suite=suite, model=args.model, model_options=model_options, data=args.data, n=args.n,
-                        image_size=args.image_size, seed=args.seed, device=args.device, batch_size=args.batch_size,
-                        fit_fraction=args.fit_fraction,
-                        detectors=tuple(d.strip() for d in args.detectors.split(",") if d.strip()) if args.detectors else None,
-                        n_reference=args.n_reference, noisy_negatives=args.noisy_negatives,
-                        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()))
+    def names(text: str | None) -> list[str] | None:
+        return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+    return build_options(getattr(args, "suite", None) or _ood_suite(), attacks=names(getattr(args, "attacks", None)),
+                         model=args.model, weights=args.weights, dataset=args.dataset, threat_model=args.threat_model,
+                         model_dir=args.model_dir, mean=args.mean, std=args.std, data=args.data, n=args.n,
+                         image_size=args.image_size, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                         fit_fraction=args.fit_fraction, detectors=names(args.detectors),
+                         n_reference=args.n_reference, noisy_negatives=args.noisy_negatives,
+                         cache_dir=args.cache_dir, cache=not args.no_cache)
+
+
+def _ood_suite():  # type: ignore[no-untyped-def]
+    from advdetect.suite import Suite
+
+    return Suite("ood", "advdetect ood", "", ())
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -300,28 +301,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from advdetect.audit import reload_model
-    from advdetect.detection import detect_stage
-    from advdetect.report import write_report
-    from advdetect.rundir import locked, read_attack_records, read_run
+    from advdetect.pipeline import rerun_detection
 
-    info = read_run(args.run_dir)
-    with locked(args.run_dir):
-        records = read_attack_records(args.run_dir, info)
-        model = reload_model(args.run_dir, info)
-        detect_stage(args.run_dir, model, records)
-        print_summary(write_report(args.run_dir))
+    print_summary(rerun_detection(args.run_dir))
     return ExitCode.OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from advdetect.benchmark import METHODS, _models, main as bench_main
+    from advdetect.benchmark import METHODS, bench_models, main as bench_main
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name, valid in ((models, _models()), (methods, METHODS)):
+    for name, valid in ((models, bench_models()), (methods, METHODS)):
         unknown = [n for n in name if n not in valid]
         if unknown:
             raise UsageError(f"unknown {', '.join(unknown)}; valid: {', '.join(valid)}")
@@ -331,12 +324,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from advdetect.report import write_report
-    from advdetect.rundir import locked, read_run
+    from advdetect.pipeline import rewrite_report
 
-    read_run(args.run_dir)
-    with locked(args.run_dir):
-        print_summary(write_report(args.run_dir))
+    print_summary(rewrite_report(args.run_dir))
     return ExitCode.OK
 
 

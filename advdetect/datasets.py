@@ -244,7 +244,28 @@ def load_data(spec: str, options: DataOptions = DataOptions()) -> DataSample:
     if kind not in DATA_LOADERS or (kind != "default" and not arg) or (kind == "default" and arg):
         raise UsageError(f"data spec {spec!r} not understood; give default or one of "
                          f"{', '.join(k + ':PATH' for k in DATA_LOADERS if k != 'default')}")
-    source = DATA_LOADERS[kind](arg, options)
+    return _sample(DATA_LOADERS[kind](arg, options), kind, spec, options)
+
+
+#: How in-memory data is named in results.
+TENSORS_SPEC = "tensors"
+
+
+def sample_tensors(x: torch.Tensor, y: torch.Tensor, options: DataOptions = DataOptions()) -> DataSample:
+    """The audited and reference samples drawn from in-memory images ``x`` (float [N, C, H, W] in
+    [0, 1]) and labels ``y``, exactly as from a data spec."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise UsageError(f"data must be a spec or a pair of tensors (images, labels); got {type(x).__name__}, "
+                         f"{type(y).__name__}")
+    if x.ndim != 4 or not x.is_floating_point() or len(x) != len(y):
+        raise UsageError(f"in-memory data must be float images [N, C, H, W] and N labels; got {x.dtype} "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    images = x.detach().cpu().float().numpy()
+    return _sample(_in_memory(images, y.detach().cpu().numpy(), {"source": "in-memory tensors"}), TENSORS_SPEC,
+                   TENSORS_SPEC, options)
+
+
+def _sample(source: _Source, kind: str, spec: str, options: DataOptions) -> DataSample:
     labels = np.asarray(source.labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise UsageError(f"data {spec!r} has labels of dtype {labels.dtype} and shape {labels.shape}; labels must be "

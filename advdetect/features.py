@@ -71,7 +71,7 @@ def parameter_names(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def _eval_with_all_grads(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+def eval_with_all_grads(model: nn.Module) -> Iterator[list[nn.Parameter]]:
     """Eval mode (BatchNorm uses running statistics, so inputs stay independent), every
     parameter differentiable; both restored afterwards."""
     params = [p for _, p in model.named_parameters()]
@@ -94,7 +94,7 @@ def per_sample_loop_features(model: nn.Module, inputs: torch.Tensor, batch_size:
     reduce = {"l2sq": _sq, "l1": lambda t: t.detach().double().abs().sum()}[norm]
     device = next(model.parameters()).device
     rows: list[torch.Tensor] = []
-    with _eval_with_all_grads(model) as params:
+    with eval_with_all_grads(model) as params:
         for start in range(0, len(inputs), batch_size):
             for x in inputs[start : start + batch_size].to(device):
                 value = confounding_loss(model(x.unsqueeze(0)), label, loss).sum()
@@ -351,7 +351,7 @@ def confounding_gradient_features(model: nn.Module, inputs: torch.Tensor, batch_
     device = next(model.parameters()).device
     recorder = _Recorder(model, clone=_NEEDS_COPIES.setdefault(model, set()))
     rows = []
-    with _eval_with_all_grads(model) as params:
+    with eval_with_all_grads(model) as params:
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size].to(device)
             rows.append(_chunk_features(model, params, recorder, chunk, lambda z: confounding_loss(z, label, loss)))

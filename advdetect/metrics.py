@@ -5,8 +5,6 @@ Scores follow one convention everywhere: higher means more likely adversarial.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
@@ -55,26 +53,3 @@ def bootstrap_auroc_ci(clean_scores: np.ndarray, adversarial_scores: np.ndarray,
     tail = 100 * (1 - level) / 2
     low, high = np.clip(np.percentile(aurocs, [tail, 100 - tail]), 0.0, 1.0)  # the einsum's rounding can pass 1
     return float(low), float(high)
-
-
-@dataclass
-class DetectionMetrics:
-    """Accumulates scores batch by batch (on the CPU) and computes :func:`detection_metrics`."""
-
-    _clean: list[np.ndarray] = field(default_factory=list)
-    _adversarial: list[np.ndarray] = field(default_factory=list)
-
-    def update(self, scores: np.ndarray, is_adversarial: np.ndarray) -> None:
-        scores = np.asarray(scores, dtype=np.float64).ravel()
-        is_adversarial = np.asarray(is_adversarial, dtype=bool).ravel()
-        if scores.shape != is_adversarial.shape:
-            raise ValueError(f"{len(scores)} scores but {len(is_adversarial)} labels")
-        self._clean.append(scores[~is_adversarial])
-        self._adversarial.append(scores[is_adversarial])
-
-    def compute(self) -> dict[str, float]:
-        return detection_metrics(np.concatenate(self._clean or [[]]), np.concatenate(self._adversarial or [[]]))
-
-    def reset(self) -> None:
-        self._clean.clear()
-        self._adversarial.clear()

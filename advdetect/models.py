@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from advdetect.errors import UsageError
+from advdetect.errors import UsageError, first_line
 
 
 class Dataset(str, Enum):
@@ -142,14 +142,9 @@ def _robustbench(name: str, options: ModelOptions) -> nn.Module:
             if path.is_file():  # whatever a failed download left is not a checkpoint
                 path.unlink()
             raise UsageError(f"robustbench checkpoint {name!r} is not at {path} and downloading it failed "
-                             f"({type(exc).__name__}: {_first_line(exc)}); place the checkpoint at that path") from None
-        raise UsageError(f"cannot load robustbench checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}; "
+                             f"({first_line(exc)}); place the checkpoint at that path") from None
+        raise UsageError(f"cannot load robustbench checkpoint {path}: {first_line(exc)}; "
                          f"delete it and place a good copy there") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _import_callable(spec: str) -> Callable[[], nn.Module]:
@@ -167,7 +162,7 @@ def _import_callable(spec: str) -> Callable[[], nn.Module]:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[module_name]
-            raise UsageError(f"cannot import model file {target}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise UsageError(f"cannot import model file {target}: {first_line(exc)}") from None
     else:
         try:
             module = importlib.import_module(target)
@@ -197,7 +192,7 @@ def load_weights(model: nn.Module, weights: str) -> None:
     try:
         state = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:
-        raise UsageError(f"cannot read weights {weights}: {type(exc).__name__}: {_first_line(exc)} "
+        raise UsageError(f"cannot read weights {weights}: {first_line(exc)} "
                          f"(expected a state_dict saved with torch.save)") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -218,7 +213,7 @@ def _callable(spec: str, options: ModelOptions) -> nn.Module:
     try:
         model = factory()
     except Exception as exc:
-        raise UsageError(f"calling {spec} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise UsageError(f"calling {spec} failed: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if options.weights is not None:
@@ -235,13 +230,16 @@ def _torchscript(spec: str, options: ModelOptions) -> nn.Module:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise UsageError(f"{spec} is not a TorchScript archive ({_first_line(exc)}); for a state_dict give "
+        raise UsageError(f"{spec} is not a TorchScript archive ({first_line(exc)}); for a state_dict give "
                          f"--model file.py:Class --weights {spec}") from None
 
 
 def _parse(spec: str) -> tuple[Callable[[str, ModelOptions], nn.Module], str]:
     if spec == "default":
         return _default, ""
+    if spec.startswith(IN_MEMORY):
+        raise UsageError(f"the model {spec[len(IN_MEMORY):]} was given in memory (the Python API) and cannot be "
+                         f"loaded again from the command line; run the audit again with advdetect.audit")
     if spec.startswith("robustbench:"):
         return _robustbench, spec[len("robustbench:"):]
     if ":" in spec:
@@ -252,13 +250,35 @@ def _parse(spec: str) -> tuple[Callable[[str, ModelOptions], nn.Module], str]:
                      f"package.module:Callable or a TorchScript file.pt")
 
 
+#: How a model given as an ``nn.Module`` (the Python API) is named in results; such a run's
+#: stages cannot be rerun from the command line, which cannot load it.
+IN_MEMORY = "in-memory:"
+
+
 def load_model(spec: str, options: ModelOptions = ModelOptions()) -> LoadedModel:
     loader, arg = _parse(spec)
+    _check_normalization(options)
+    return _describe(loader(arg, options), spec, options)
+
+
+def wrap_model(model: nn.Module, options: ModelOptions = ModelOptions()) -> LoadedModel:
+    """A model given in memory, described as :func:`load_model` describes a loaded one."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"the model must be a torch.nn.Module or a spec; got {type(model).__name__}")
+    if options.weights is not None:
+        load_weights(model, options.weights)
+    _check_normalization(options)
+    return _describe(model, f"{IN_MEMORY}{type(model).__module__}.{type(model).__qualname__}", options)
+
+
+def _check_normalization(options: ModelOptions) -> None:
     if (options.mean is None) != (options.std is None):
         raise UsageError("give --mean and --std together")
     if options.std is not None and any(s <= 0 for s in options.std):
         raise UsageError(f"--std values must be positive; got {list(options.std)}")
-    model = loader(arg, options)
+
+
+def _describe(model: nn.Module, spec: str, options: ModelOptions) -> LoadedModel:
     if options.mean is not None and options.std is not None:
         channels = input_channels(model)
         if channels is not None and len(options.mean) not in (1, channels):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from advdetect.datasets import DataOptions, load_data
 from advdetect.errors import UsageError
-from advdetect.records import AttackRecord, derive_seed
+from advdetect.progress import Progress, no_progress
+from advdetect.records import OodRecord, derive_seed, ood_cell_key, ood_cell_slug
 from advdetect.rundir import cell_paths, sample_arrays
 from advdetect.storage import save_arrays, write_json
 
@@ -36,6 +37,11 @@ CORRUPTION_SIGMA = 0.5
 
 def set_name(spec: str) -> str:
     return spec if spec in BUILTIN_SETS else re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(spec.partition(":")[2]).stem or spec)
+
+
+def set_cells(specs: list[str]) -> list[tuple[str, str]]:
+    """(key, file name) of each set's cell."""
+    return [(ood_cell_key(set_name(s)), ood_cell_slug(set_name(s))) for s in specs]
 
 
 def _fit(images: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -89,24 +95,22 @@ def ood_inputs(spec: str, clean: torch.Tensor, seed: int) -> torch.Tensor:
     return _fit(data.x[torch.from_numpy(np.sort(picks))], shape)
 
 
-def ood_stage(run_dir: Path, specs: list[str], seed: int) -> list[AttackRecord]:
+def ood_stage(run_dir: Path, specs: list[str], seed: int, on_progress: Progress = no_progress) -> list[OodRecord]:
     """Write one cell per out-of-distribution set; the positives are paired by row with the
     correctly classified clean inputs."""
     sample = sample_arrays(run_dir)
     clean = torch.from_numpy(sample["x"][sample["pred"] == sample["y"]])
     records = []
     for index, spec in enumerate(specs):
+        on_progress("ood", spec, index, len(specs))
         started = time.perf_counter()
         name = set_name(spec)
         inputs = ood_inputs(spec, clean, seed)
         x = np.zeros(clean.shape, dtype=np.float32)
         x[: len(inputs)] = inputs.numpy()
         present = np.arange(len(clean)) < len(inputs)
-        record = AttackRecord(key=f"ood[{name}]", slug=f"ood_{name}", attack="ood", attack_name="ood", strength_name="set",
-                              strength=float(index), params={"set": name, "spec": spec}, seed=seed,
-                              n_attacked=len(clean), n_fooled=int(present.sum()), attack_success_rate=None,
-                              mean_linf=None, max_linf=None, mean_l2=None, max_l2=None,
-                              seconds=round(time.perf_counter() - started, 3))
+        record = OodRecord.for_set(name, spec, index, seed=seed, n_clean=len(clean), n_inputs=int(present.sum()),
+                                   seconds=round(time.perf_counter() - started, 3))
         record_path, arrays_path = cell_paths(run_dir, record.slug)
         save_arrays(arrays_path, x_adv=x, fooled=present)
         write_json(record_path, record.to_dict())

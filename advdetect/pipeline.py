@@ -1,21 +1,33 @@
 """The audit from end to end: check everything, claim a run folder, then attack, detect, report.
 
-The CLI and the pytest plugin both run audits through :func:`run_audit`.
+The one place the stages meet: each reads and writes the run folder through
+:mod:`advdetect.rundir` and imports no other stage. The CLI, the pytest plugin and the Python
+API all run audits through :func:`run_audit`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from advdetect.attack_stage import attack_stage
+from advdetect.cache import tensor_sha256
+from advdetect.detect_stage import detect_stage
 from advdetect.errors import UsageError
-from advdetect.rundir import COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new, locked, \
-    set_stage, update_run, write_manifest
-from advdetect.storage import user_cache_dir, write_bytes
+from advdetect.ood import ood_inputs, ood_stage, set_cells, set_name
+from advdetect.preflight import AuditOptions, Prepared, package_versions, prepare
+from advdetect.progress import Progress, no_progress
+from advdetect.records import RunInfo
+from advdetect.report import write_report
+from advdetect.rundir import COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new, json_sha256, \
+    locked, set_stage, update_run, write_manifest
+from advdetect.storage import save_arrays, user_cache_dir, write_bytes, write_json
 
 log = logging.getLogger("advdetect")
 
@@ -23,7 +35,31 @@ log = logging.getLogger("advdetect")
 DEFAULT_ROOT = Path("reports")
 
 
-def check_outputs(options: Any, out: Path | None) -> None:
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Position:
+    """Where an audit is, so an interruption can say where it stopped."""
+
+    stage: str = "load"
+    item: str | None = None
+    done: int = 0
+    total: int = 0
+
+    def __call__(self, stage: str, item: str | None = None, done: int = 0, total: int = 0) -> None:
+        self.stage, self.item, self.done, self.total = stage, item, done, total
+
+    def describe(self) -> str:
+        where = f"the {self.stage} stage"
+        if self.item:
+            noun, unit = {"attack": ("cell ", "cells"), "ood": ("set ", "sets")}.get(self.stage, ("", "rows"))
+            where += f", {noun}{self.item} ({self.done} of {self.total} {unit} done)"
+        return where
+
+
+def check_outputs(options: AuditOptions, out: Path | None) -> None:
     """Fail now, before any work, on an output folder or cache that cannot be written."""
     if out is not None:
         check_creatable(out, "--out", empty=True)
@@ -31,6 +67,108 @@ def check_outputs(options: Any, out: Path | None) -> None:
         check_creatable(DEFAULT_ROOT, "the output root")
     if options.cache_dir is not None:
         check_creatable(options.cache_dir, "--cache-dir")
+
+
+def run_audit(options: AuditOptions, out: Path | None = None, ood_specs: list[str] | None = None,
+              on_progress: Progress = no_progress) -> tuple[Path, dict[str, Any]]:
+    """Every stage of an audit into a new run folder; returns the folder and the results document.
+    With ``ood_specs``, out-of-distribution sets take the place of the suite's attack cells.
+
+    Everything that can be checked is checked before the folder is created, so bad input leaves
+    nothing behind. After that, a failure marks the run ``failed`` (``interrupted`` on Ctrl-C)
+    in its manifest, and an unexpected error saves its traceback to the folder's ``error.log``
+    (the exception carries that path as ``error_log``)."""
+    check_outputs(options, out)
+    prepared = prepare(options)
+    for spec in ood_specs or ():  # fail on a bad set before any output
+        ood_inputs(spec, prepared.sample.x[:2], options.seed)
+    cells = set_cells(ood_specs) if ood_specs else [(cell.key, cell.slug) for cell in options.suite.cells()]
+    run_dir = claim(out) if out is not None else claim_new(DEFAULT_ROOT, datetime.now().strftime("%Y%m%d-%H%M%S"))
+    log.info("auditing %s on %s (%d inputs) with %s, device %s", options.model_label, options.data_label,
+             len(prepared.sample.y), f"{len(ood_specs)} out-of-distribution sets" if ood_specs else
+             f"suite {options.suite.name}: {len(cells)} attack cells", prepared.device)
+    position = Position()
+
+    def progress(stage: str, item: str | None = None, done: int = 0, total: int = 0) -> None:
+        position(stage, item, done, total)
+        on_progress(stage, item, done, total)
+
+    with locked(run_dir):
+        try:
+            document = _stages(run_dir, options, prepared, cells, ood_specs, progress)
+        except BaseException as exc:
+            _record_failure(run_dir, exc, position.describe())
+            raise
+        write_manifest(run_dir, status="complete", ended_at=now(), timings=document["timings"])
+    return run_dir, document
+
+
+def _stages(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: list[tuple[str, str]],
+            ood_specs: list[str] | None, progress: Progress) -> dict[str, Any]:
+    info = start_run(run_dir, options, prepared, cells)
+    log.info("clean accuracy %.3f; run folder %s", info.clean_accuracy, run_dir)
+    set_stage(run_dir, "attack", RUNNING)
+    if ood_specs:
+        update_run(run_dir, suite={"name": "ood", "source": "advdetect ood", "specs": ood_specs,
+                                   "ood_sets": [set_name(s) for s in ood_specs],
+                                   "document": {"description": "out-of-distribution sets", "attack": []}})
+        records = ood_stage(run_dir, ood_specs, options.seed, progress)
+    else:
+        records = attack_stage(run_dir, prepared.loaded.module, options.suite.cells(), progress)
+    set_stage(run_dir, "attack", COMPLETE)
+    detect_stage(run_dir, prepared.loaded.module, records, progress)
+    progress("report")
+    return write_report(run_dir)
+
+
+def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: list[tuple[str, str]]) -> RunInfo:
+    """Record the run, its sample and its reference inputs in the claimed folder."""
+    started = time.perf_counter()
+    loaded, sample = prepared.loaded, prepared.sample
+    pred = prepared.logits.argmax(dim=1)
+    save_arrays(run_dir / "sample.npz", x=sample.x.numpy(), y=sample.y.numpy(), pred=pred.numpy(),
+                logits=prepared.logits.numpy())
+    save_arrays(run_dir / "reference.npz", x=sample.reference_x.numpy(), y=sample.reference_y.numpy())
+    info = RunInfo(
+        suite={"name": options.suite.name, "source": options.suite.source, "document": options.suite.to_dict()},
+        model=loaded.info, data=sample.info, seed=options.seed, device=str(prepared.device),
+        batch_size=options.batch_size, fit_fraction=options.fit_fraction, detectors=list(options.detector_names()),
+        noisy_negatives=options.noisy_negatives,
+        cache_dir=None if options.cache_dir is None else str(options.cache_dir),
+        clean_accuracy=float((pred == sample.y).double().mean()), versions=package_versions(),
+        started_at=now(),
+        timings={"load": round(time.perf_counter() - started, 3)},
+        cells=[list(cell) for cell in cells],
+    )
+    write_json(run_dir / RUN_JSON, info.to_dict())
+    write_manifest(run_dir, status="running", started_at=info.started_at, suite=options.suite.name,
+                   suite_sha256=json_sha256(options.suite.to_dict()), model_spec=loaded.info["spec"],
+                   model_sha256=loaded.info["sha256"], data_spec=sample.info["spec"],
+                   data_sha256=tensor_sha256(sample.x, sample.y), n=len(sample.y), seed=options.seed,
+                   device=str(prepared.device), versions=info.versions, clean_accuracy=info.clean_accuracy)
+    return info
+
+
+def rerun_detection(run_dir: Path) -> dict[str, Any]:
+    """``advdetect detect``: the detect stage and the report again, on a finished attack stage."""
+    from advdetect.preflight import reload_model
+    from advdetect.rundir import read_attack_records, read_run
+
+    info = read_run(run_dir)
+    with locked(run_dir):
+        records = read_attack_records(run_dir, info)
+        model = reload_model(run_dir, info)
+        detect_stage(run_dir, model, records)
+        return write_report(run_dir)
+
+
+def rewrite_report(run_dir: Path) -> dict[str, Any]:
+    """``advdetect report``: the report again, from a finished detect stage."""
+    from advdetect.rundir import read_run
+
+    read_run(run_dir)
+    with locked(run_dir):
+        return write_report(run_dir)
 
 
 def save_traceback(folder: Path, exc: BaseException) -> Path:
@@ -49,70 +187,10 @@ def fallback_error_log(exc: BaseException) -> Path | None:
         return None
 
 
-def run_audit(options: Any, out: Path | None = None, ood_specs: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Every stage of an audit into a new run folder; returns the folder and the results document.
-
-    Everything that can be checked is checked before the folder is created, so bad input leaves
-    nothing behind. After that, a failure marks the run ``failed`` (``interrupted`` on Ctrl-C)
-    in its manifest, and an unexpected error saves its traceback to the folder's ``error.log``
-    (the exception carries that path as ``error_log``)."""
-    from advdetect.audit import POSITION, prepare
-    from advdetect.history import now
-    from advdetect.ood import ood_inputs, set_name
-
-    check_outputs(options, out)
-    prepared = prepare(options)
-    for spec in ood_specs or ():  # fail on a bad set before any output
-        ood_inputs(spec, prepared.sample.x[:2], options.seed)
-    if ood_specs:
-        cells = [(f"ood[{set_name(s)}]", f"ood_{set_name(s)}") for s in ood_specs]
-    else:
-        cells = [(cell.key, cell.slug) for cell in options.suite.cells()]
-    run_dir = claim(out) if out is not None else claim_new(DEFAULT_ROOT, datetime.now().strftime("%Y%m%d-%H%M%S"))
-    log.info("auditing %s on %s (%d inputs) with %s, device %s", options.model, options.data, len(prepared.sample.y),
-             f"{len(ood_specs)} out-of-distribution sets" if ood_specs else
-             f"suite {options.suite.name}: {len(cells)} attack cells", prepared.device)
-    POSITION.stage, POSITION.cell = "load", None
-    with locked(run_dir):
-        try:
-            document = _stages(run_dir, options, prepared, cells, ood_specs)
-        except BaseException as exc:
-            _record_failure(run_dir, exc, POSITION.describe(), now())
-            raise
-        write_manifest(run_dir, status="complete", ended_at=now(), timings=document["timings"])
-    return run_dir, document
-
-
-def _stages(run_dir: Path, options: Any, prepared: Any, cells: list[tuple[str, str]],
-            ood_specs: list[str] | None) -> dict[str, Any]:
-    from advdetect.audit import POSITION, attack_stage, start_run
-    from advdetect.detection import detect_stage
-    from advdetect.ood import ood_stage, set_name
-    from advdetect.report import write_report
-
-    info = start_run(run_dir, options, prepared, cells)
-    log.info("clean accuracy %.3f; run folder %s", info.clean_accuracy, run_dir)
-    set_stage(run_dir, "attack", RUNNING)
-    if ood_specs:
-        update_run(run_dir, suite={"name": "ood", "source": "advdetect ood", "specs": ood_specs,
-                                   "ood_sets": [set_name(s) for s in ood_specs],
-                                   "document": {"description": "out-of-distribution sets", "attack": []}})
-        POSITION.stage = "ood"
-        records = ood_stage(run_dir, ood_specs, options.seed)
-    else:
-        POSITION.stage = "attack"
-        records = attack_stage(run_dir, prepared.loaded.module, options.suite.cells())
-    set_stage(run_dir, "attack", COMPLETE)
-    POSITION.stage, POSITION.cell = "detect", None
-    detect_stage(run_dir, prepared.loaded.module, records)
-    POSITION.stage, POSITION.cell = "report", None
-    return write_report(run_dir)
-
-
-def _record_failure(run_dir: Path, exc: BaseException, where: str, ended_at: str) -> None:
+def _record_failure(run_dir: Path, exc: BaseException, where: str) -> None:
     """Say in the run folder how the run ended; never hide ``exc`` behind a second error."""
     interrupted = isinstance(exc, KeyboardInterrupt)
-    fields: dict[str, Any] = {"status": "interrupted" if interrupted else "failed", "ended_at": ended_at,
+    fields: dict[str, Any] = {"status": "interrupted" if interrupted else "failed", "ended_at": now(),
                               "stopped_in": where}
     try:
         if not interrupted and not isinstance(exc, UsageError):

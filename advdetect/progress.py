@@ -1,8 +1,9 @@
-"""Progress bars on a terminal; none in logs (CI, cron), where they would be noise."""
+"""Progress: bars on a terminal (none in logs, CI or cron, where they would be noise), and the
+callback through which stages tell their caller where they are."""
 
 from __future__ import annotations
 
-from typing import Iterable, TypeVar
+from typing import Iterable, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -11,3 +12,13 @@ T = TypeVar("T")
 
 def progress(iterable: Iterable[T], **kwargs: object) -> Iterable[T]:
     return tqdm(iterable, disable=None, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+class Progress(Protocol):
+    """Called by a stage as it moves on: its name, the item it starts on, how many of how many are done."""
+
+    def __call__(self, stage: str, item: str | None = None, done: int = 0, total: int = 0) -> None: ...
+
+
+def no_progress(stage: str, item: str | None = None, done: int = 0, total: int = 0) -> None:
+    """The :class:`Progress` of a caller that does not listen."""

@@ -79,16 +79,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not suite:
         return
     from advdetect.checks import plan_checks
-    from advdetect.cli import audit_options, build_parser
     from advdetect.errors import UsageError
+    from advdetect.preflight import build_options
 
-    argv = ["check", suite]
-    for option, flag in (("advdetect_n", "--n"), ("advdetect_model", "--model"), ("advdetect_weights", "--weights"),
-                         ("advdetect_data", "--data"), ("advdetect_detectors", "--detectors")):
-        if config.getoption(option) is not None:
-            argv += [flag, str(config.getoption(option))]
+    given = {name: config.getoption(f"advdetect_{name}") for name in ("n", "model", "weights", "data", "detectors")}
+    given = {name: value for name, value in given.items() if value is not None}
+    if "detectors" in given:
+        given["detectors"] = [d.strip() for d in given["detectors"].split(",") if d.strip()]
     try:
-        options = audit_options(build_parser().parse_args(argv))
+        options = build_options(suite, **given)
         checks = plan_checks(options.suite)
     except UsageError as exc:
         raise pytest.UsageError(f"advdetect: {exc}") from None

@@ -13,6 +13,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Union
 
 RESULTS_SCHEMA = 1
+#: Detection protocols, in the order results list them (see :mod:`advdetect.detect_stage`).
+PROTOCOLS = ("seen", "unseen", "oneclass")
+#: The kind (and pseudo-attack name) of an out-of-distribution cell.
+OOD = "ood"
 
 
 def format_strength(value: float) -> str:
@@ -32,6 +36,23 @@ def cell_slug(attack: str, strength_name: str, strength: float) -> str:
     (the suite checks it)."""
     text = f"{attack}_{strength_name}-{format_strength(strength).replace('+', '')}"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", text)
+
+
+def ood_cell_key(set_name: str) -> str:
+    """``ood[photos]``: an out-of-distribution set in the place of an attack cell."""
+    return f"ood[{set_name}]"
+
+
+def ood_cell_slug(set_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"ood_{set_name}")
+
+
+def cell_label(record: dict[str, Any], sep: str = "=") -> str:
+    """How tables and figures name a cell within its attack: ``eps=0.1``, or an out-of-distribution
+    set's name; ``record`` is a cell record's dict (as in ``results.json``)."""
+    if record.get("kind") == OOD or record["attack"] == OOD:  # "kind" was added after OOD runs existed
+        return str(record["params"]["set"])
+    return f"{record['strength_name']}{sep}{format_strength(record['strength'])}"
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -60,6 +81,28 @@ def _matches(value: Any, hint: Any) -> bool:
     if origin is dict:
         return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
     raise TypeError(f"no check for type hint {hint!r}")
+
+
+@dataclass(frozen=True)
+class AttackCell:
+    """One attack at one strength: the unit of attack work and of every result row."""
+
+    attack: str
+    attack_name: str
+    strength_name: str
+    strength: float
+    params: dict[str, Any] = field(hash=False)
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.attack, self.strength_name, self.strength)
+
+    @property
+    def slug(self) -> str:
+        return cell_slug(self.attack, self.strength_name, self.strength)
+
+    def constructor_params(self) -> dict[str, Any]:
+        return {**self.params, self.strength_name: self.strength}
 
 
 class Record:
@@ -143,6 +186,9 @@ def _fractions(record: Record, names: tuple[str, ...]) -> None:
 
 @dataclass
 class AttackRecord(Record):
+    """One cell of a run: an attack at one strength, what it did and what it cost. An
+    out-of-distribution set takes a cell's place as an :class:`OodRecord`."""
+
     key: str
     slug: str
     attack: str
@@ -159,6 +205,18 @@ class AttackRecord(Record):
     mean_l2: float | None
     max_l2: float | None
     seconds: float
+    kind: str = "attack"
+
+    @property
+    def label(self) -> str:
+        return cell_label(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any):  # type: ignore[no-untyped-def]
+        """The record of its kind: an :class:`OodRecord` for an out-of-distribution cell."""
+        if cls is AttackRecord and isinstance(data, dict) and OOD in (data.get("kind"), data.get("attack")):
+            return OodRecord.from_dict({**data, "kind": OOD})
+        return super().from_dict(data)
 
     def check(self) -> None:
         if not is_slug(self.slug):
@@ -166,6 +224,27 @@ class AttackRecord(Record):
         if not 0 <= self.n_fooled <= self.n_attacked:
             raise ValueError(f"n_fooled {self.n_fooled} is not between 0 and n_attacked {self.n_attacked}")
         _fractions(self, ("attack_success_rate",))
+
+
+@dataclass
+class OodRecord(AttackRecord):
+    """An out-of-distribution set in the place of an attack cell: ``n_fooled`` counts the set's
+    inputs (the positives), paired row by row with the correctly classified clean inputs."""
+
+    kind: str = OOD
+
+    @classmethod
+    def for_set(cls, name: str, spec: str, index: int, *, seed: int, n_clean: int, n_inputs: int,
+                seconds: float) -> "OodRecord":
+        return cls(key=ood_cell_key(name), slug=ood_cell_slug(name), attack=OOD, attack_name=OOD,
+                   strength_name="set", strength=float(index), params={"set": name, "spec": spec}, seed=seed,
+                   n_attacked=n_clean, n_fooled=n_inputs, attack_success_rate=None, mean_linf=None, max_linf=None,
+                   mean_l2=None, max_l2=None, seconds=seconds)
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.params.get("set"), str):
+            raise ValueError("an out-of-distribution cell's params lack its set's name")
 
 
 @dataclass

@@ -19,9 +19,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from advdetect.detection import PROTOCOLS  # noqa: E402
 from advdetect.history import trend  # noqa: E402
-from advdetect.records import RESULTS_SCHEMA, AttackRecord, ResultRow, RunInfo, format_strength  # noqa: E402
+from advdetect.records import PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
+    format_strength  # noqa: E402
 from advdetect.rundir import MANIFEST, read_attack_records, read_detection, read_run, read_scores, update_run  # noqa: E402
 from advdetect.storage import atomic_write, write_bytes, write_json  # noqa: E402
 
@@ -124,7 +124,7 @@ def draw_comparison(ax: plt.Axes, attack_cells: list[Cell], detectors: list[str]
     ax.plot(positions, [np.nan if c.record.attack_success_rate is None else c.record.attack_success_rate for c in attack_cells],
             marker="s", linestyle=":", color="0.35", label="attack success rate")
     ax.axhline(0.5, linestyle="--", color="0.7", linewidth=1)
-    ax.set_xticks(positions, [c.record.params["set"] if c.record.attack == "ood" else format_strength(c.record.strength)
+    ax.set_xticks(positions, [c.record.label if isinstance(c.record, OodRecord) else format_strength(c.record.strength)
                               for c in attack_cells])
     ax.set_xlabel(attack_cells[0].record.strength_name, fontsize=8)
     ax.set_ylabel("AUROC / success rate", fontsize=8)
@@ -156,13 +156,6 @@ def _by_attack(cells: list[Cell]) -> dict[str, list[Cell]]:
     for cell in cells:
         groups.setdefault(cell.record.attack, []).append(cell)
     return groups
-
-
-def cell_label(attack: dict[str, Any], sep: str = "=") -> str:
-    """``eps=0.1``; an out-of-distribution set's name."""
-    if attack["attack"] == "ood":
-        return attack["params"]["set"]
-    return f"{attack['strength_name']}{sep}{format_strength(attack['strength'])}"
 
 
 def _cells_of(document: dict[str, Any]) -> list[dict[str, Any]]:

@@ -32,7 +32,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from advdetect.errors import DamagedRunFolder, UsageError
-from advdetect.records import AttackRecord, Record, ResultRow, RunInfo, json_preview
+from advdetect.records import AttackRecord, Record, ResultRow, RunInfo, cell_key, cell_slug, json_preview, ood_cell_key, \
+    ood_cell_slug
 from advdetect.storage import load_arrays, read_json, write_json
 
 RUN_JSON = "run.json"
@@ -205,15 +206,16 @@ def read_run(run_dir: Path) -> RunInfo:
 
 def legacy_cells(info: RunInfo, path: Path) -> list[list[str]]:
     """The cells of a run folder written before ``run.json`` listed them."""
-    if "ood_sets" in info.suite:
-        return [[f"ood[{name}]", f"ood_{name}"] for name in info.suite["ood_sets"]]
-    from advdetect.suite import suite_from_document
-
+    if isinstance(info.suite.get("ood_sets"), list):
+        return [[ood_cell_key(name), ood_cell_slug(name)] for name in info.suite["ood_sets"]]
+    cells = []
     try:
-        suite = suite_from_document(info.suite["document"], info.suite["name"], info.suite["source"])
-    except (KeyError, TypeError, UsageError) as exc:
-        raise damaged(path, f"its suite cannot be read back ({exc})") from None
-    return [[cell.key, cell.slug] for cell in suite.cells()]
+        for attack in info.suite["document"]["attack"]:
+            axis = next(k for k, v in attack.items() if isinstance(v, list))
+            cells += [[cell_key(attack["id"], axis, s), cell_slug(attack["id"], axis, s)] for s in attack[axis]]
+    except (KeyError, TypeError, StopIteration) as exc:
+        raise damaged(path, f"it lists no cells and its suite cannot be read back ({exc!r})") from None
+    return cells
 
 
 def update_run(run_dir: Path, timing: tuple[str, float] | None = None, **fields: object) -> RunInfo:

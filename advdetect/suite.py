@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from advdetect.attacks import get_attack
+from advdetect.detectors import DETECTORS, DetectorVariant, check_params, get_detector
 from advdetect.errors import UsageError
-from advdetect.records import cell_key, cell_slug
+from advdetect.records import AttackCell
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,28 +91,6 @@ def _parse_thresholds(table: object, where: str) -> Thresholds:
 
 
 @dataclass(frozen=True)
-class AttackCell:
-    """One attack at one strength: the unit of attack work and of every result row."""
-
-    attack: str
-    attack_name: str
-    strength_name: str
-    strength: float
-    params: dict[str, Scalar] = field(hash=False)
-
-    @property
-    def key(self) -> str:
-        return cell_key(self.attack, self.strength_name, self.strength)
-
-    @property
-    def slug(self) -> str:
-        return cell_slug(self.attack, self.strength_name, self.strength)
-
-    def constructor_params(self) -> dict[str, Scalar]:
-        return {**self.params, self.strength_name: self.strength}
-
-
-@dataclass(frozen=True)
 class AttackSpec:
     attack: str
     attack_name: str
@@ -127,18 +106,6 @@ class AttackSpec:
         doc = {"id": self.attack, "name": self.attack_name, self.strength_name: list(self.strengths), **self.params}
         return {**doc, "thresholds": self.thresholds.to_dict()} if not self.thresholds.empty or self.thresholds.detector \
             else doc
-
-
-@dataclass(frozen=True)
-class DetectorVariant:
-    """A registered detector under another name, with other constructor arguments."""
-
-    name: str
-    base: str
-    params: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}}
 
 
 @dataclass(frozen=True)
@@ -245,8 +212,6 @@ def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
 
 
 def _parse_detector(name: str, table: dict[str, Any], where: str) -> DetectorVariant:
-    from advdetect.detectors import DETECTORS, check_params, get_detector
-
     if name in DETECTORS or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise UsageError(f"{where}: a variant needs a name of its own (letters, digits, '.', '_', '-'), "
                          f"not a registered detector's")
@@ -261,7 +226,7 @@ def _parse_detector(name: str, table: dict[str, Any], where: str) -> DetectorVar
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     try:
         check_params(get_detector(base), params)
-        get_detector(base)(**params)._validate()
+        get_detector(base)(**params).validate()
     except ValueError as exc:
         raise UsageError(f"{where}: {exc}") from None
     return DetectorVariant(name=name, base=base, params=params)

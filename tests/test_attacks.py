@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from advdetect.attacks import ATTACKS, get_attack
-from advdetect.audit import attack_cell
+from advdetect.attack_stage import attack_cell
 from advdetect.errors import UsageError
 from advdetect.suite import parse_suite
 

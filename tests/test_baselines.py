@@ -62,7 +62,7 @@ def test_baseline_ranks_a_separable_case(name, separable):
         detector.fit(sig_clean[:20], sig_adv[:20])
     else:
         detector.fit(detector.signatures(model, reference))
-    auroc = detection_metrics(detector.score(sig_clean[20:]), detector.score(sig_adv[20:]))["auroc"]
+    auroc = detection_metrics(detector.score_samples(sig_clean[20:]), detector.score_samples(sig_adv[20:]))["auroc"]
     assert auroc > 0.95, (name, auroc)
 
 
@@ -146,7 +146,7 @@ def test_confounding_gradient_oneclass_value_and_needs_no_adversarial():
     detector = get_detector("confounding_gradient_oneclass")()
     assert not detector.needs_adversarial
     detector.fit(np.exp(np.array([[0.0], [2.0]])))
-    assert detector.score(np.exp(np.array([[3.0]])))[0] == pytest.approx(4.0)
+    assert detector.score_samples(np.exp(np.array([[3.0]])))[0] == pytest.approx(4.0)
 
 
 def test_supervised_baselines_refuse_to_fit_without_adversarial_examples(separable):

@@ -3,7 +3,7 @@ import json
 import pytest
 from helpers import results_without_timings
 
-from advdetect import audit
+from advdetect import attack_stage
 from advdetect.cli import main
 
 SUITE = """
@@ -38,7 +38,7 @@ def test_a_repeated_audit_does_no_attack_work_and_writes_the_same_results(audit_
     def no_attacks(*args, **kwargs):
         raise AssertionError("attack work in a cached run")
 
-    monkeypatch.setattr(audit, "attack_cell", no_attacks)
+    monkeypatch.setattr(attack_stage, "attack_cell", no_attacks)
     second = audit_twice("second")
     assert results_without_timings(first) == results_without_timings(second)
     assert json.loads((second / "run.json").read_text())["attack_cache_hits"] == 2

@@ -5,7 +5,7 @@ import json
 import torch
 
 from advdetect.cli import main
-from advdetect.detection import noisy_copies, unseen_source
+from advdetect.detect_stage import noisy_copies, unseen_source
 from advdetect.records import AttackRecord
 
 SUITE = """

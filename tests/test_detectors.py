@@ -21,14 +21,14 @@ def test_confounding_gradient_ranks_a_separable_case():
     clean = np.exp(rng.normal(0, 1, (40, 6)))
     adversarial = np.exp(rng.normal(0, 1, (40, 6)) + np.array([0, 3, 0, 0, 3, 0]))
     detector = get_detector("confounding_gradient")().fit(clean[:20], adversarial[:20])
-    assert detection_metrics(detector.score(clean[20:]), detector.score(adversarial[20:]))["auroc"] > 0.97
+    assert detection_metrics(detector.score_samples(clean[20:]), detector.score_samples(adversarial[20:]))["auroc"] > 0.97
     assert detector.fitted_params()["C"] in detector.Cs
 
 
 def test_confounding_gradient_must_be_fitted_first_and_needs_two_pairs():
     detector = get_detector("confounding_gradient")()
     with pytest.raises(NotFittedError):
-        detector.score(np.ones((2, 3)))
+        detector.score_samples(np.ones((2, 3)))
     with pytest.raises(ValueError, match="at least 2 clean and 2 adversarial"):
         detector.fit(np.ones((1, 3)), np.ones((1, 3)))
 
@@ -43,4 +43,4 @@ def test_msp_scores_low_confidence_as_suspect(tiny_model, tiny_inputs):
     signatures = detector.signatures(tiny_model, tiny_inputs)
     expected = torch.softmax(tiny_model(tiny_inputs).double(), 1).max(1).values.detach().numpy()
     np.testing.assert_allclose(signatures[:, 0], expected, rtol=1e-6)
-    np.testing.assert_allclose(detector.fit(signatures, signatures).score(signatures), -expected, rtol=1e-6)
+    np.testing.assert_allclose(detector.fit(signatures, signatures).score_samples(signatures), -expected, rtol=1e-6)

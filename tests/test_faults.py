@@ -411,12 +411,12 @@ def test_user_strings_render_literally_in_the_figures(workdir):
 
 
 def test_an_internal_error_is_exit_3_with_the_traceback_saved(workdir, monkeypatch, capsys):
-    import advdetect.detection
+    import advdetect.pipeline
 
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(advdetect.detection, "detect_stage", broken)
+    monkeypatch.setattr(advdetect.pipeline, "detect_stage", broken)
     assert main(tiny_audit("--out", "run")) == ExitCode.INTERNAL_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     log = Path("run") / "error.log"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from advdetect.metrics import DetectionMetrics, detection_metrics
+from advdetect.metrics import detection_metrics
 
 
 def test_hand_computed_case():
@@ -32,19 +32,6 @@ def test_fpr_at_95tpr_takes_the_threshold_reaching_95_percent():
     assert detection_metrics(clean, adversarial)["fpr_at_95tpr"] == 0.0
     adversarial[94] = 0.895  # now the 95th adversarial input sits above 10 clean scores only
     assert detection_metrics(clean, adversarial)["fpr_at_95tpr"] == pytest.approx(0.10)
-
-
-def test_streaming_metrics_equal_the_batch_computation():
-    rng = np.random.default_rng(0)
-    clean, adversarial = rng.normal(0, 1, 50), rng.normal(1, 1, 40)
-    metric = DetectionMetrics()
-    scores, labels = np.r_[clean, adversarial], np.r_[np.zeros(50), np.ones(40)]
-    for chunk in np.array_split(rng.permutation(90), 4):
-        metric.update(scores[chunk], labels[chunk])
-    assert metric.compute() == pytest.approx(detection_metrics(clean, adversarial))
-    metric.reset()
-    with pytest.raises(ValueError, match="at least one clean and one adversarial"):
-        metric.compute()
 
 
 def test_bootstrap_interval_brackets_the_auroc_and_shrinks_with_more_data():

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advdetect.attacks import get_attack
-from advdetect.audit import attack_cell, probe_attacks
+from advdetect.attack_stage import attack_cell
+from advdetect.preflight import probe_attacks
 from advdetect.cli import main
 from advdetect.errors import ExitCode, UsageError
 from advdetect.suite import parse_suite

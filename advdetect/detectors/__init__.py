@@ -7,13 +7,11 @@ import importlib
 import inspect
 import math
 import pkgutil
-from typing import TYPE_CHECKING, Iterable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Iterable, TypeVar
 
 from advdetect.detectors.base import Detector
 from advdetect.errors import UsageError
-
-if TYPE_CHECKING:
-    from advdetect.suite import DetectorVariant
 
 DETECTORS: dict[str, type[Detector]] = {}
 D = TypeVar("D", bound=type[Detector])
@@ -67,21 +65,34 @@ def _check_scalar(name: str, value: object, default: object) -> None:
         raise ValueError(f"{name} {value!r} is out of range")
 
 
-def build_detector(name: str, variants: Iterable["DetectorVariant"] = ()) -> Detector:
+@dataclass(frozen=True)
+class DetectorVariant:
+    """A registered detector under another name, with other constructor arguments (a suite's
+    ``[detector.NAME]`` table)."""
+
+    name: str
+    base: str
+    params: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}}
+
+    @classmethod
+    def from_dict(cls, name: str, table: dict[str, Any]) -> "DetectorVariant":
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k != "base"}
+        return cls(name=name, base=table["base"], params=params)
+
+
+def build_detector(name: str, variants: Iterable[DetectorVariant] = ()) -> Detector:
     """A detector by registered name, or by the name of a suite's variant of one."""
     for variant in variants:
         if variant.name == name:
-            detector = get_detector(variant.base)(**variant.params)
-            detector.variant_name = name
-            return detector
+            return get_detector(variant.base)(**variant.params)
     return get_detector(name)()
-
-
-def detector_name(detector: Detector) -> str:
-    return getattr(detector, "variant_name", detector.name)
 
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DETECTORS", "Detector", "build_detector", "detector_name", "get_detector", "register_detector"]
+__all__ = ["DETECTORS", "Detector", "DetectorVariant", "build_detector", "check_params", "get_detector",
+           "register_detector"]

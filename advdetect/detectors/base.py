@@ -26,7 +26,7 @@ class Detector(BaseEstimator, ABC):
     1. :meth:`prepare` fits whatever lives in the model's own space on clean reference inputs
        (class-conditional Gaussians, kernel densities, neighbour pools); most detectors need none.
     2. :meth:`signatures` maps inputs through the model to per-input arrays, shape [N, D].
-    3. :meth:`fit` / :meth:`score` work on those arrays alone, like a scikit-learn estimator:
+    3. :meth:`fit` / :meth:`score_samples` work on those arrays alone, like a scikit-learn estimator:
        ``fit(clean)`` with clean signatures only, ``fit(clean, adversarial)`` with both.
 
     Hyperparameters are public constructor arguments (``get_params``); fitted state ends in ``_``.
@@ -38,10 +38,8 @@ class Detector(BaseEstimator, ABC):
     #: :meth:`fit` uses adversarial examples when it gets them (to tune or to combine features),
     #: so the result depends on which attack it saw: the ``unseen`` protocol applies.
     uses_adversarial: ClassVar[bool] = False
-    #: :meth:`prepare` needs labelled clean reference inputs.
-    needs_reference: ClassVar[bool] = False
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
         """Raise ValueError on a bad hyperparameter, before any work."""
 
     def check_model(self, model: nn.Module) -> None:
@@ -65,7 +63,7 @@ class Detector(BaseEstimator, ABC):
         return self
 
     @abstractmethod
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         """Scores, shape [N]: higher means more likely adversarial."""
 
     def fitted_params(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ class ConfoundingSignatures(Detector):
         self.layers = layers
         self.with_outputs = with_outputs
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
         for what, values, valid in (("label", self.label.split("+"), LABELS), ("loss", [self.loss], LOSSES),
                                     ("norm", [self.norm], NORMS)):
             for value in values:
@@ -88,7 +88,7 @@ class ConfoundingSignatures(Detector):
         return [i for i, name in enumerate(names) if any(fnmatch(name, p) for p in self.layers)]
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
-        self._validate()
+        self.validate()
         keep = self._kept(model)
         blocks = [confounding_gradient_features(model, inputs, batch_size=batch_size, label=label, loss=self.loss,
                                                 norm=self.norm).numpy()[:, keep] for label in self.label.split("+")]
@@ -116,7 +116,7 @@ class ConfoundingGradient(ConfoundingSignatures):
                                                   prefix=[FunctionTransformer(log_features)])
         return self
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.decision_function(signatures)
 

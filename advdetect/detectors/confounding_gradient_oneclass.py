@@ -30,6 +30,6 @@ class ConfoundingGradientOneClass(ConfoundingSignatures):
         self.gaussian_ = LedoitWolf().fit(self.scaler_.transform(features))
         return self
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "gaussian_")
         return self.gaussian_.mahalanobis(self.scaler_.transform(log_features(signatures)))

@@ -27,5 +27,5 @@ class Energy(Detector):
         logits = batched_logits(model, inputs, batch_size).double()
         return (-self.temperature * torch.logsumexp(logits / self.temperature, dim=1)).numpy()[:, None]
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         return np.asarray(signatures)[:, 0]

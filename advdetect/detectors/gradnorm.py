@@ -33,5 +33,5 @@ class GradNorm(Detector):
         output_grad = (probabilities - 1.0 / logits.shape[1]) / self.temperature
         return (output_grad.abs().sum(dim=1) * features.abs().sum(dim=1)).numpy()[:, None]
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         return -np.asarray(signatures)[:, 0]

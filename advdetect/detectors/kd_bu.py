@@ -37,7 +37,6 @@ class KernelDensityBayesianUncertainty(Detector):
     name = "kd_bu"
     needs_adversarial = True
     uses_adversarial = True
-    needs_reference = True
 
     def __init__(self, bandwidth_factors: Sequence[float] = (0.25, 0.5, 1.0), dropout: float = 0.5,
                  dropout_samples: int = 50, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5, seed: int = 0) -> None:
@@ -97,7 +96,7 @@ class KernelDensityBayesianUncertainty(Detector):
         self.bandwidth_index_, self.pipeline_, self.C_ = best_by_cv(candidates)
         return self
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.decision_function(self._pair(signatures, self.bandwidth_index_))
 

@@ -37,7 +37,6 @@ class LID(Detector):
     name = "lid"
     needs_adversarial = True
     uses_adversarial = True
-    needs_reference = True
 
     def __init__(self, ks: Sequence[int] = (10, 20, 30), num_layers: int = 4, Cs: Sequence[float] = DEFAULT_CS,
                  cv: int = 5) -> None:
@@ -78,7 +77,7 @@ class LID(Detector):
         self.k_index_, self.pipeline_, self.C_ = best_by_cv(candidates)
         return self
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.decision_function(self._k_block(signatures, self.k_index_))
 

@@ -36,7 +36,6 @@ from advdetect.inference import model_device
 class Mahalanobis(Detector):
     name = "mahalanobis"
     uses_adversarial = True
-    needs_reference = True
 
     def __init__(self, noises: Sequence[float] = (0.0, 0.0005, 0.001, 0.002, 0.005), num_layers: int = 4,
                  Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
@@ -108,7 +107,7 @@ class Mahalanobis(Detector):
         self.noise_index_, self.pipeline_, self.C_ = best_by_cv(candidates)
         return self
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "noise_index_")
         block = self._noise_block(signatures, self.noise_index_)
         if self.pipeline_ is None:

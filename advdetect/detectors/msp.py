@@ -24,5 +24,5 @@ class MaxSoftmax(Detector):
         probabilities = torch.softmax(batched_logits(model, inputs, batch_size).double(), dim=1)
         return probabilities.max(dim=1).values.numpy()[:, None]
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         return -np.asarray(signatures)[:, 0]

@@ -85,7 +85,7 @@ class ODIN(Detector):
         self.temperature_, self.epsilon_ = grid[self.column_]
         return self
 
-    def score(self, signatures: np.ndarray) -> np.ndarray:
+    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "column_")
         return -np.asarray(signatures)[:, self.column_]
 

@@ -1,0 +1,152 @@
+"""Stage 1, attack: every cell's adversarial inputs, from the inputs the model classifies correctly,
+written into the run folder (see :mod:`advdetect.rundir`); from the attack cache when an earlier
+audit already computed them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from advdetect.attacks import get_attack
+from advdetect.cache import AttackCache, tensor_sha256
+from advdetect.errors import UsageError
+from advdetect.inference import batched_logits
+from advdetect.progress import Progress, no_progress, progress
+from advdetect.records import AttackRecord, derive_seed
+from advdetect.rundir import cell_paths, read_run, sample_arrays, update_run
+from advdetect.storage import save_arrays, write_json
+from advdetect.records import AttackCell
+
+log = logging.getLogger(__name__)
+
+
+class SeededRNG:
+    """Fork torch's and NumPy's global RNGs for one cell: torchattacks' APGD, Square and
+    AutoAttack reseed the global RNG, which must not leak into the next cell."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.seed, self.devices = seed, [device] if device.type == "cuda" else []
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=self.devices)
+        self._fork.__enter__()
+        self._numpy_state = np.random.get_state()
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        np.random.set_state(self._numpy_state)
+        self._fork.__exit__(*exc)
+
+
+def logits_sha256(logits: np.ndarray) -> str:
+    """What the model computes on the audited inputs, to 4 decimals: two models with the same
+    weights but another forward differ here."""
+    return hashlib.sha256(np.round(logits.astype(np.float64), 4).tobytes()).hexdigest()
+
+
+def resolved_params(cell: AttackCell, *, num_classes: int, seed: int) -> dict:
+    """The cell's constructor parameters, with the class count and seed filled in where the attack takes them."""
+    entry = get_attack(cell.attack_name)
+    params = cell.constructor_params()
+    if "n_classes" in entry.keywords and "n_classes" not in params:
+        params["n_classes"] = num_classes
+    if "seed" in entry.keywords and "seed" not in params:
+        params["seed"] = seed
+    return params
+
+
+def attack_cell(model: nn.Module, cell: AttackCell, x: torch.Tensor, y: torch.Tensor, *,
+                num_classes: int, seed: int, batch_size: int) -> tuple[torch.Tensor, dict]:
+    """Attack ``x`` (inputs the model classifies correctly) at one strength; returns the
+    adversarial inputs on the CPU and the constructor parameters actually used."""
+    entry = get_attack(cell.attack_name)
+    params = resolved_params(cell, num_classes=num_classes, seed=seed)
+    device = next(model.parameters()).device
+    try:
+        attack = entry.build(model, **params)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"attack {cell.key}: {exc}") from None
+    outputs = []
+    with SeededRNG(seed, device):
+        for start in progress(range(0, len(x), batch_size), desc=cell.key, unit="batch", leave=False):
+            adv = attack(x[start : start + batch_size].to(device), y[start : start + batch_size].to(device))
+            outputs.append(adv.detach().cpu().float())
+    adversarial = torch.cat(outputs) if outputs else torch.zeros_like(x)
+    if adversarial.shape != x.shape or not torch.isfinite(adversarial).all():
+        raise UsageError(f"attack {cell.key} returned inputs of another shape or non-finite values; the model's "
+                         f"gradients may be NaN on some inputs")
+    return adversarial, params
+
+
+def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
+                 on_progress: Progress = no_progress) -> list[AttackRecord]:
+    """Stage 1: every cell's adversarial inputs, from the inputs the model classifies correctly."""
+    info = read_run(run_dir)
+    sample = sample_arrays(run_dir)
+    correct = np.flatnonzero(sample["pred"] == sample["y"])
+    x, y = torch.from_numpy(sample["x"][correct]), torch.from_numpy(sample["y"][correct])
+    cache = AttackCache(Path(info.cache_dir)) if info.cache_dir else None
+    inputs_sha256, computes = tensor_sha256(x, y), logits_sha256(sample["logits"][correct])
+    device = next(model.parameters()).device
+    started, records, hits = time.perf_counter(), [], 0
+    for done, cell in enumerate(progress(cells, desc="attack", unit="cell")):
+        on_progress("attack", cell.key, done, len(cells))
+        cell_started = time.perf_counter()
+        seed = derive_seed(info.seed, "attack", cell.key)
+        params = resolved_params(cell, num_classes=info.model["num_classes"], seed=seed)
+        key = (cache.key(model=info.model["sha256"], logits=computes, inputs=inputs_sha256, attack=cell.attack_name,
+                         params=params, seed=seed, batch_size=info.batch_size, device=device.type) if cache else "")
+        adversarial = cache.load(key, x) if cache else None
+        if adversarial is None:
+            adversarial, params = attack_cell(model, cell, x, y, num_classes=info.model["num_classes"],
+                                              seed=seed, batch_size=info.batch_size)
+            if cache:
+                cache.store(key, adversarial)
+        else:
+            hits += 1
+        pred = adversarial_predictions(model, cell, adversarial, info.batch_size)
+        fooled = (pred != y).numpy()
+        record = cell_record(cell, params, seed, x, adversarial, fooled, round(time.perf_counter() - cell_started, 3))
+        record_path, arrays_path = cell_paths(run_dir, cell.slug)
+        save_arrays(arrays_path, source_index=correct, x_adv=adversarial.numpy(), pred=pred.numpy(), fooled=fooled)
+        write_json(record_path, record.to_dict())
+        records.append(record)
+    update_run(run_dir, ("attack", time.perf_counter() - started), attack_cache_hits=hits if cache else None)
+    if cache:
+        log.info("%d of %d attack cells came from the cache in %s", hits, len(cells), cache.root)
+    return records
+
+
+def adversarial_predictions(model: nn.Module, cell: AttackCell, adversarial: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's classes for a cell's adversarial inputs; refused when its logits are not finite,
+    since whether the attack fooled it cannot then be told."""
+    logits = batched_logits(model, adversarial, batch_size)
+    if not torch.isfinite(logits).all():
+        raise UsageError(f"the model returns NaN or infinite logits on adversarial inputs of {cell.key}; "
+                         f"whether the attack fooled it cannot be told")
+    return logits.argmax(dim=1)
+
+
+def cell_record(cell: AttackCell, params: dict, seed: int, x: torch.Tensor, adversarial: torch.Tensor,
+                fooled: np.ndarray, seconds: float) -> AttackRecord:
+    """What one cell's attack did: success rate and the size of its successful perturbations."""
+    delta = (adversarial - x).flatten(1)[torch.from_numpy(fooled)]
+    linf, l2 = delta.abs().amax(dim=1).double(), delta.norm(dim=1).double()
+
+    def stat(values: torch.Tensor, how: str) -> float | None:
+        return float(getattr(values, how)()) if len(values) else None
+
+    return AttackRecord(
+        key=cell.key, slug=cell.slug, attack=cell.attack, attack_name=cell.attack_name,
+        strength_name=cell.strength_name, strength=cell.strength, params=params, seed=seed,
+        n_attacked=len(x), n_fooled=int(fooled.sum()), attack_success_rate=float(fooled.mean()) if len(x) else None,
+        mean_linf=stat(linf, "mean"), max_linf=stat(linf, "max"), mean_l2=stat(l2, "mean"), max_l2=stat(l2, "max"),
+        seconds=seconds,
+    )

@@ -1,0 +1,289 @@
+"""Stage 2, detection: every detector on every attack cell, under three protocols.
+
+The correctly classified audited inputs are split once, by source input, into a calibration
+part (``fit_fraction``) and a test part; every cell tests on the (clean, adversarial) pairs of
+test sources the attack fooled, so rows are comparable across detectors and protocols.
+
+- ``seen``: supervised detectors fit on the cell's own calibration pairs (the attack is known).
+- ``unseen``: they fit once, on the calibration pairs of the suite's first attack at its middle
+  strength, and score every other cell (the attack is not known in advance).
+- ``oneclass``: detectors that can fit without adversarial examples fit on the clean reference
+  inputs alone (no adversarial example at hand).
+
+Detectors that use no adversarial examples fit on the reference inputs under ``seen`` too. With
+``noisy_negatives`` (the control of Feinman et al. 2017 and Ma et al. 2018), each clean input
+gets a Gaussian-noise copy as far from it in L2 as its adversarial example, and the negatives
+of both fitting and testing are the clean inputs and these copies.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from advdetect.detectors import Detector, DetectorVariant, build_detector
+from advdetect.errors import Unavailable
+from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
+from advdetect.progress import Progress, no_progress, progress
+from advdetect.records import PROTOCOLS, AttackRecord, ResultRow, RunInfo, derive_seed
+from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, read_run, reference_arrays, sample_arrays, set_stage, \
+    update_run
+from advdetect.storage import save_arrays, write_json
+
+log = logging.getLogger(__name__)
+
+#: Below this many (clean, adversarial) pairs a detector is not fitted, or not scored.
+MIN_FIT_PAIRS = 5
+MIN_TEST_PAIRS = 10
+
+
+def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
+                 on_progress: Progress = no_progress) -> list[ResultRow]:
+    """Every detector under each of its protocols on every cell: ``detection.json`` and ``scores/``."""
+    info = read_run(run_dir)
+    inputs = StageInputs.read(run_dir, info, records)
+    set_stage(run_dir, "detect", RUNNING)
+    started = time.perf_counter()
+    signatures = Signatures(model, info.batch_size)
+    detectors = prepare_detectors(info, model, inputs, signatures)
+    source = unseen_source(records)
+    work = [(name, protocol, cell) for name, detector in detectors.items() for protocol in protocols_of(detector.detector)
+            for cell in inputs.cells if not (protocol == "unseen" and cell.record is source)]
+    rows: list[ResultRow] = []
+    scores: dict[str, dict[str, np.ndarray]] = {r.key: {} for r in records}
+    for done, (name, protocol, cell) in enumerate(progress(work, desc="detect", unit="row")):
+        on_progress("detect", f"{name}, {protocol}, {cell.record.key}", done, len(work))
+        fit_cell = inputs.cell(source) if protocol == "unseen" else cell
+        row, row_scores = evaluate(detectors[name], protocol, cell, fit_cell, inputs, signatures, info)
+        rows.append(row)
+        scores[cell.record.key].update(row_scores)
+    write_detection(run_dir, info, records, rows, scores)
+    update_run(run_dir, ("detect", time.perf_counter() - started))
+    set_stage(run_dir, "detect", COMPLETE)
+    return rows
+
+
+@dataclass
+class StageInputs:
+    """What the detect stage reads from the run folder: the correctly classified clean inputs, the
+    reference inputs and every cell, split once into calibration and test pairs."""
+
+    clean: torch.Tensor
+    reference: torch.Tensor
+    reference_labels: torch.Tensor
+    cells: list[Cell]
+
+    @classmethod
+    def read(cls, run_dir: Path, info: RunInfo, records: list[AttackRecord]) -> "StageInputs":
+        sample = sample_arrays(run_dir)
+        image_shape = sample["x"].shape[1:]
+        reference = reference_arrays(run_dir, image_shape)
+        correct = np.flatnonzero(sample["pred"] == sample["y"])
+        clean = torch.from_numpy(sample["x"][correct])
+        calibration = calibration_split(info, len(correct))
+        cells = [Cell(r, cell_arrays(run_dir, r, len(correct), image_shape), calibration, info.seed,
+                      info.noisy_negatives, clean) for r in records]
+        return cls(clean, torch.from_numpy(reference["x"]), torch.from_numpy(reference["y"]), cells)
+
+    def cell(self, record: AttackRecord) -> Cell:
+        return next(c for c in self.cells if c.record is record)
+
+
+@dataclass
+class PreparedDetector:
+    """A detector of the run under its name, what it was last fitted on, or why it cannot run."""
+
+    name: str
+    detector: Detector
+    unavailable: str | None = None
+    fitted_on: str | None = None
+
+    def fit(self, on: str, clean: np.ndarray, adversarial: np.ndarray | None = None) -> None:
+        """Fit unless already fitted on ``on`` (the reference set, or one cell's calibration pairs)."""
+        if self.fitted_on != on:
+            self.detector.fit(clean, adversarial)
+            self.fitted_on = on
+
+
+def run_variants(info: RunInfo) -> list[DetectorVariant]:
+    """The suite's detector variants, as run.json records them (an OOD run has none)."""
+    tables = info.suite.get("document", {}).get("detector", {})
+    return [DetectorVariant.from_dict(name, table) for name, table in tables.items()]
+
+
+def prepare_detectors(info: RunInfo, model: nn.Module, inputs: StageInputs,
+                      signatures: Signatures) -> dict[str, PreparedDetector]:
+    """Every detector of the run, prepared on the reference inputs with its clean signatures
+    computed; one that cannot run on this model keeps the reason."""
+    variants = run_variants(info)
+    prepared = {}
+    for name in progress(info.detectors, desc="prepare detectors", unit="detector", leave=False):
+        entry = PreparedDetector(name, build_detector(name, variants))
+        try:
+            entry.detector.prepare(model, inputs.reference, inputs.reference_labels, batch_size=info.batch_size)
+            signatures.get(entry.detector, "clean", inputs.clean)
+        except Unavailable as exc:
+            entry.unavailable = f"{name} cannot run on this model: {exc}"
+            log.warning(entry.unavailable)
+        prepared[name] = entry
+    return prepared
+
+
+def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell, inputs: StageInputs,
+             signatures: Signatures, info: RunInfo) -> tuple[ResultRow, dict[str, np.ndarray]]:
+    """One detector under one protocol on one cell: its result row and its test scores."""
+    detector, record, name = entry.detector, cell.record, entry.name
+    supervised = detector.uses_adversarial and protocol != "oneclass"
+    row = ResultRow(attack=record.attack, strength_name=record.strength_name, strength=record.strength, detector=name,
+                    protocol=protocol, n_clean=cell.n_negatives(cell.test), n_adv=len(cell.test),
+                    n_fit=len(fit_cell.fit) if supervised else 0, attack_success_rate=record.attack_success_rate,
+                    negatives="clean+noise" if info.noisy_negatives else "clean")
+    row.reason = entry.unavailable or _too_few(record, len(cell.test), fit_cell.record, len(fit_cell.fit), supervised)
+    if row.reason:
+        return row, {}
+    if supervised:
+        entry.fit(fit_cell.record.key, fit_cell.negatives(signatures, detector, fit_cell.fit),
+                  fit_cell.adversarial(signatures, detector, fit_cell.fit))
+    else:
+        entry.fit("reference", signatures.get(detector, "reference", inputs.reference))
+    row.detector_params = detector.fitted_params()
+    if protocol == "unseen":
+        row.detector_params["fitted_on"] = fit_cell.record.key
+    clean_scores = detector.score_samples(cell.negatives(signatures, detector, cell.test))
+    adversarial_scores = detector.score_samples(cell.adversarial(signatures, detector, cell.test))
+    bad = int((~np.isfinite(clean_scores)).sum() + (~np.isfinite(adversarial_scores)).sum())
+    if bad:
+        row.reason = f"{name} gave NaN or infinite scores to {bad} test inputs, so no metric is reported"
+        row.detector_params = {}
+        log.warning("%s on %s: %s", name, record.key, row.reason)
+        return row, {}
+    for metric, value in detection_metrics(clean_scores, adversarial_scores).items():
+        setattr(row, metric, value)
+    row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(
+        clean_scores, adversarial_scores, seed=derive_seed(info.seed, "bootstrap", record.key, name, protocol))
+    return row, {f"{protocol}__{name}__clean": clean_scores, f"{protocol}__{name}__adversarial": adversarial_scores}
+
+
+def write_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord], rows: list[ResultRow],
+                    scores: dict[str, dict[str, np.ndarray]]) -> None:
+    """``scores/<cell>.npz``, then ``detection.json`` with its rows in cell, detector, protocol order."""
+    for record in records:
+        save_arrays(run_dir / "scores" / f"{record.slug}.npz", **scores[record.key])
+    order = {(r.key, n, p): i for i, (r, n, p) in enumerate(
+        (r, n, p) for r in records for n in info.detectors for p in PROTOCOLS)}
+    key_of = {(r.attack, r.strength): r.key for r in records}
+    rows.sort(key=lambda row: order[(key_of[(row.attack, row.strength)], row.detector, row.protocol)])
+    write_json(run_dir / "detection.json", [row.to_dict() for row in rows])
+
+
+def calibration_split(info: RunInfo, n: int) -> np.ndarray:
+    """Which of the ``n`` correctly classified inputs calibrate the detectors (the rest test them)."""
+    calibration = np.zeros(n, dtype=bool)
+    order = np.random.default_rng(derive_seed(info.seed, "calibration")).permutation(n)
+    calibration[order[: math.ceil(info.fit_fraction * n)]] = True
+    return calibration
+
+
+def unseen_source(records: list[AttackRecord]) -> AttackRecord:
+    """The suite's first attack at its middle strength."""
+    first = [r for r in records if r.attack == records[0].attack]
+    return first[len(first) // 2]
+
+
+def noisy_copies(clean: torch.Tensor, adversarial: torch.Tensor, seed: int) -> torch.Tensor:
+    """Gaussian-noise copies of ``clean``, each as far from its source in L2 as its adversarial
+    example is (before clipping to [0, 1])."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(clean.shape, generator=generator)
+    distance = (adversarial - clean).flatten(1).norm(dim=1)
+    noise *= (distance / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (clean.ndim - 1))
+    return (clean + noise).clamp(0, 1)
+
+
+def protocols_of(detector: Detector) -> list[str]:
+    protocols = ["seen"]
+    if detector.uses_adversarial:
+        protocols.append("unseen")
+    if not detector.needs_adversarial:
+        protocols.append("oneclass")
+    return protocols
+
+
+@dataclass
+class Signatures:
+    """Signatures computed once per (signature key, input set) and shared by detectors."""
+
+    model: nn.Module
+    batch_size: int
+    store: dict[tuple, np.ndarray] = field(default_factory=dict)
+
+    def get(self, detector: Detector, what: str, inputs: torch.Tensor) -> np.ndarray:
+        key = (detector.signature_key(), what)
+        if key not in self.store:
+            self.store[key] = detector.signatures(self.model, inputs, batch_size=self.batch_size)
+        return self.store[key]
+
+
+class Cell:
+    """One cell's inputs, split into calibration and test pairs; its adversarial inputs' signatures
+    are computed on first use, once for every detector that shares them."""
+
+    def __init__(self, record: AttackRecord, arrays: dict[str, np.ndarray], calibration: np.ndarray, seed: int,
+                 noisy: bool, clean_inputs: torch.Tensor) -> None:
+        self.record, self.seed, self.noisy, self.clean_inputs = record, seed, noisy, clean_inputs
+        fooled = arrays["fooled"]
+        self.fit, self.test = np.flatnonzero(fooled & calibration), np.flatnonzero(fooled & ~calibration)
+        self._pairs = np.flatnonzero(fooled)
+        self._x_adv = arrays["x_adv"]
+
+    @functools.cached_property
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cell's adversarial inputs (and noisy copies), read once for every detector."""
+        x_adv = torch.from_numpy(self._x_adv[self._pairs])
+        noisy = None
+        if self.noisy:
+            noisy = noisy_copies(self.clean_inputs[self._pairs], x_adv, derive_seed(self.seed, "noise", self.record.key))
+        return x_adv, noisy
+
+    def _rows(self, signatures: Signatures, detector: Detector, what: str) -> np.ndarray:
+        key = (detector.signature_key(), f"{what}:{self.record.key}")
+        if key not in signatures.store:
+            x_adv, noisy = self._inputs
+            signatures.get(detector, f"adversarial:{self.record.key}", x_adv)
+            if noisy is not None:
+                signatures.get(detector, f"noisy:{self.record.key}", noisy)
+        full = np.full((len(self.clean_inputs),) + signatures.store[key].shape[1:], np.nan)
+        full[self._pairs] = signatures.store[key]
+        return full
+
+    def adversarial(self, signatures: Signatures, detector: Detector, rows: np.ndarray) -> np.ndarray:
+        return self._rows(signatures, detector, "adversarial")[rows]
+
+    def negatives(self, signatures: Signatures, detector: Detector, rows: np.ndarray) -> np.ndarray:
+        clean = signatures.store[(detector.signature_key(), "clean")][rows]
+        return np.concatenate([clean, self._rows(signatures, detector, "noisy")[rows]]) if self.noisy else clean
+
+    def n_negatives(self, rows: np.ndarray) -> int:
+        return len(rows) * (2 if self.noisy else 1)
+
+
+def _too_few(record: AttackRecord, n_test: int, fit_record: AttackRecord, n_fit: int, supervised: bool) -> str | None:
+    if record.n_fooled == 0:
+        return f"the attack fooled none of the {record.n_attacked} correctly classified inputs"
+    if supervised and fit_record.key != record.key and n_fit < MIN_FIT_PAIRS:
+        return (f"too few adversarial examples to fit on {fit_record.key} ({n_fit} pairs, {MIN_FIT_PAIRS} needed); "
+                f"raise --n, --fit-fraction or that cell's strength")
+    if n_test < MIN_TEST_PAIRS or (supervised and n_fit < MIN_FIT_PAIRS):
+        need = f"{MIN_FIT_PAIRS} to fit and {MIN_TEST_PAIRS} to test" if supervised else f"{MIN_TEST_PAIRS} to test"
+        return (f"too few adversarial examples: the attack fooled {record.n_fooled} of {record.n_attacked} inputs "
+                f"({n_fit if supervised else 0} pairs to fit, {n_test} to test); the detector needs at least {need} "
+                f"(raise --n or the strength)")
+    return None

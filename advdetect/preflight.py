@@ -1,0 +1,275 @@
+"""Everything an audit checks before its first attack, once, at the boundary: the options, the
+model and the data and how they fit, every attack of the suite tried on the model, every
+detector resolved against it. A :class:`UsageError` from here means nothing was written."""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from advdetect.attack_stage import SeededRNG, resolved_params
+from advdetect.attacks import NOT_PROBED, get_attack
+from advdetect.datasets import DataOptions, DataSample, load_data, sample_tensors
+from advdetect.detectors import DETECTORS, build_detector
+from advdetect.errors import UsageError, first_line
+from advdetect.inference import batched_logits, select_device
+from advdetect.models import Dataset, LoadedModel, ModelOptions, ThreatModel, load_model, wrap_model
+from advdetect.records import RunInfo
+from advdetect.rundir import sample_arrays
+from advdetect.storage import user_cache_dir
+from advdetect.records import AttackCell
+from advdetect.suite import Suite, load_suite
+
+#: Fewest clean reference inputs an audit accepts (detectors fit class statistics on them).
+MIN_REFERENCE = 20
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """What to audit and how. ``model`` is a spec or an ``nn.Module``; ``data`` a spec or a pair of
+    tensors (images in [0, 1], labels)."""
+
+    suite: Suite
+    model: str | nn.Module = "default"
+    model_options: ModelOptions = ModelOptions()
+    data: str | tuple[torch.Tensor, torch.Tensor] = "default"
+    n: int | None = 256
+    image_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 128
+    fit_fraction: float = 0.2
+    #: None: every registered detector, then the suite's variants
+    detectors: tuple[str, ...] | None = None
+    n_reference: int = 256
+    noisy_negatives: bool = False
+    cache_dir: Path | None = field(default_factory=lambda: default_cache_dir())  # None: no cache
+
+    def detector_names(self) -> tuple[str, ...]:
+        if self.detectors is not None:
+            return self.detectors
+        return (*sorted(DETECTORS), *(v.name for v in self.suite.detectors))
+
+    @property
+    def model_label(self) -> str:
+        return self.model if isinstance(self.model, str) else type(self.model).__name__
+
+    @property
+    def data_label(self) -> str:
+        return self.data if isinstance(self.data, str) else "tensors"
+
+
+def default_cache_dir() -> Path:
+    return user_cache_dir() / "attacks"
+
+
+def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | None = None,
+                  model: str | nn.Module = "default", weights: str | None = None, dataset: str = "cifar10",
+                  threat_model: str = "Linf", model_dir: str = "./models", mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None, data: str | tuple[torch.Tensor, torch.Tensor] = "default",
+                  n: int | None = 256, image_size: int | None = None, seed: int = 0, device: str = "auto",
+                  batch_size: int = 128, fit_fraction: float = 0.2, detectors: Sequence[str] | None = None,
+                  n_reference: int = 256, noisy_negatives: bool = False, cache_dir: str | Path | None = None,
+                  cache: bool = True) -> AuditOptions:
+    """:class:`AuditOptions` from plain values, as the command line, the pytest plugin and the
+    Python API give them; bad values raise :class:`UsageError`."""
+    loaded_suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    if attacks:
+        loaded_suite = loaded_suite.select(list(attacks))
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise UsageError(f"{name} must be finite numbers; got {list(values)}")
+    try:
+        model_options = ModelOptions(weights=weights, dataset=Dataset(dataset), threat_model=ThreatModel(threat_model),
+                                     model_dir=model_dir, mean=None if mean is None else tuple(mean),
+                                     std=None if std is None else tuple(std))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return AuditOptions(suite=loaded_suite, model=model, model_options=model_options, data=data, n=n,
+                        image_size=image_size, seed=seed, device=device, batch_size=batch_size,
+                        fit_fraction=fit_fraction, detectors=None if detectors is None else tuple(detectors),
+                        n_reference=n_reference, noisy_negatives=noisy_negatives,
+                        cache_dir=None if not cache else Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("advdetect", "torch", "torchattacks", "scikit-learn", "numpy", "matplotlib"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def check_model_output(model: nn.Module, inputs: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    """The model's logits on ``inputs``; a UsageError unless they are one finite floating tensor
+    [N, C] with C >= 2."""
+    try:
+        with torch.no_grad():
+            logits = model(inputs.to(device))
+    except Exception as exc:
+        raise UsageError(f"the model cannot take inputs of shape {list(inputs.shape[1:])} ({what}): "
+                         f"{first_line(exc)}") from None
+    if not isinstance(logits, torch.Tensor):
+        many = f" of {len(logits)} items" if isinstance(logits, (tuple, list)) else ""
+        raise UsageError(f"the model must return one tensor of logits [N, classes]; it returned a "
+                         f"{type(logits).__name__}{many}: wrap it so forward returns the logits alone")
+    if not logits.is_floating_point() or logits.ndim != 2 or logits.shape[0] != len(inputs) or logits.shape[1] < 2:
+        raise UsageError(f"the model must return floating-point logits [N, classes] with at least 2 classes; for "
+                         f"{len(inputs)} inputs it returned {logits.dtype} of shape {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        raise UsageError(f"the model returns NaN or infinite logits on {bad} of {len(inputs)} {what}; "
+                         f"an audit of its predictions would be meaningless")
+    return logits.detach().cpu().float()
+
+
+def check_compatible(model: nn.Module, sample: DataSample, device: torch.device, batch_size: int) -> torch.Tensor:
+    """The model's logits on the whole sample, after checking that model and data fit each other;
+    a UsageError before any attack runs otherwise."""
+    if sample.x.ndim != 4:
+        raise UsageError(f"data must be images [N, C, H, W]; got shape {tuple(sample.x.shape)}")
+    if not any(True for _ in model.parameters()):
+        raise UsageError("the model has no parameters; attacks and gradient detectors need a differentiable "
+                         "torch.nn.Module with weights")
+    probe = check_model_output(model, sample.x[:2], device, "a probe batch")
+    again = check_model_output(model, sample.x[:2], device, "a probe batch")
+    alone = check_model_output(model, sample.x[:1], device, "a probe batch")
+    if not torch.allclose(probe, again, rtol=1e-4, atol=1e-5):
+        raise UsageError("the model returns other logits each time it sees the same inputs (dropout or noise active "
+                         "in eval mode?); attacks and detectors need a deterministic model")
+    if len(probe) > 1 and not torch.allclose(probe[:1], alone, rtol=1e-3, atol=1e-4):
+        raise UsageError("the model's logits for an input change with the other inputs of its batch (BatchNorm "
+                         "without running statistics?); per-input results would depend on batching")
+    logits = torch.cat([check_model_output(model, sample.x[i : i + batch_size], device, "the audited inputs")
+                        for i in range(0, len(sample.x), batch_size)])
+    for i in range(0, len(sample.reference_x), batch_size):
+        check_model_output(model, sample.reference_x[i : i + batch_size], device, "the clean reference inputs")
+    num_classes = int(logits.shape[1])
+    for what, labels in (("the audited", sample.y), ("the reference", sample.reference_y)):
+        if len(labels) and int(labels.max()) >= num_classes:
+            raise UsageError(f"{what} data has labels up to {int(labels.max())} but the model outputs only "
+                             f"{num_classes} classes")
+    return logits
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed must be a whole number from 0 to {2**32 - 1}; got {seed}")
+
+
+def check_device(requested: str) -> torch.device:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", requested):
+        raise UsageError(f"--device {requested!r} is not one advdetect runs on; use auto, cpu, cuda or cuda:N")
+    try:
+        device = select_device(requested)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UsageError(f"--device {requested!r} is not usable here ({first_line(exc)}); use auto or cpu") from None
+    return device
+
+
+@dataclass
+class Prepared:
+    """Everything an audit checked before its first attack: the model, the data, where it runs,
+    and the model's logits on the audited inputs."""
+
+    loaded: LoadedModel
+    sample: DataSample
+    device: torch.device
+    logits: torch.Tensor
+
+
+def prepare(options: AuditOptions) -> Prepared:
+    """Load and check everything an audit needs, the suite's attacks and detectors tried on the
+    model included; raises :class:`UsageError` before any work."""
+    if options.n_reference < MIN_REFERENCE:
+        raise UsageError(f"--n-reference must be at least {MIN_REFERENCE}; got {options.n_reference}")
+    if not 0.0 < options.fit_fraction < 1.0:
+        raise UsageError(f"--fit-fraction must lie strictly between 0 and 1; got {options.fit_fraction}")
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1; got {options.batch_size}")
+    check_seed(options.seed)
+    variants = options.suite.detectors
+    detectors = [build_detector(name, variants) for name in options.detector_names()]
+    device = check_device(options.device)
+    if options.n is not None and options.n < 1:
+        raise UsageError(f"--n must be at least 1; got {options.n}")
+    if isinstance(options.model, str):
+        loaded = load_model(options.model, options.model_options)
+    else:
+        loaded = wrap_model(options.model, options.model_options)
+    data_options = DataOptions(n=options.n, seed=options.seed, image_size=options.image_size,
+                               channels=loaded.info["input_channels"], n_reference=options.n_reference)
+    if isinstance(options.data, str):
+        sample = load_data(options.data, data_options)
+    elif isinstance(options.data, tuple) and len(options.data) == 2:
+        sample = sample_tensors(*options.data, options=data_options)
+    else:
+        raise UsageError(f"data must be a spec or a pair of tensors (images, labels); got {type(options.data).__name__}")
+    loaded.module.to(device).eval()
+    logits = check_compatible(loaded.module, sample, device, options.batch_size)
+    if sample.info["n_reference"] < MIN_REFERENCE:
+        raise UsageError(f"data {options.data_label!r} holds {sample.info['n_available']} inputs: after the {len(sample.y)} "
+                         f"audited ones only {sample.info['n_reference']} remain for the clean reference set, and "
+                         f"detectors need at least {MIN_REFERENCE}; lower --n")
+    loaded.info["num_classes"] = int(logits.shape[1])
+    for name, detector in zip(options.detector_names(), detectors):
+        try:
+            detector.check_model(loaded.module)
+        except ValueError as exc:
+            raise UsageError(f"detector {name}: {exc}") from None
+    correct = logits.argmax(dim=1) == sample.y
+    if correct.any():
+        probe_attacks(loaded.module, options.suite.cells(), sample.x[correct][:1], sample.y[correct][:1],
+                      num_classes=loaded.info["num_classes"], seed=options.seed)
+    return Prepared(loaded, sample, device, logits)
+
+
+def probe_attacks(model: nn.Module, cells: list[AttackCell], x: torch.Tensor, y: torch.Tensor, *,
+                  num_classes: int, seed: int) -> None:
+    """Build every cell's attack on the model and run it on one input with its iteration budget
+    cut to the least, so a bad value fails now, in one line, instead of mid-audit."""
+    device = next(model.parameters()).device
+    for cell in cells:
+        entry = get_attack(cell.attack_name)
+        params = resolved_params(cell, num_classes=num_classes, seed=seed)
+        try:
+            attack = entry.build(model, **(params if entry.name in NOT_PROBED else entry.probe_params(params)))
+            if entry.name in NOT_PROBED:
+                continue
+            with SeededRNG(seed, device):
+                adversarial = attack(x.to(device), y.to(device))
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"attack {cell.key} cannot run with {params}: {first_line(exc)}") from None
+        if not isinstance(adversarial, torch.Tensor) or adversarial.shape != x.shape:
+            raise UsageError(f"attack {cell.key} returned {type(adversarial).__name__} instead of inputs shaped like "
+                             f"its {tuple(x.shape)}")
+
+
+def reload_model(run_dir: Path, info: RunInfo) -> nn.Module:
+    """The audited model, for rerunning a stage alone; refused when it no longer computes what it did."""
+    loaded = load_model(info.model["spec"], ModelOptions.from_dict(info.model["options"]))
+    if loaded.info["sha256"] != info.model["sha256"]:
+        raise UsageError(f"the model behind {info.model['spec']!r} changed since this run; start a new audit")
+    model = loaded.module.to(select_device("auto")).eval()
+    sample = sample_arrays(run_dir)
+    if "logits" in sample:
+        logits = batched_logits(model, torch.from_numpy(sample["x"]), info.batch_size).numpy()
+        if logits.shape != sample["logits"].shape or not np.allclose(logits, sample["logits"], rtol=1e-3, atol=1e-3):
+            raise UsageError(f"the model behind {info.model['spec']!r} has the audited weights but computes other "
+                             f"logits than in this run (its code changed); start a new audit")
+    return model
+
+
