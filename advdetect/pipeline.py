@@ -79,6 +79,7 @@ def run_audit(options: AuditOptions, out: Path | None = None, ood_specs: list[st
     in its manifest, and an unexpected error saves its traceback to the folder's ``error.log``
     (the exception carries that path as ``error_log``)."""
     check_outputs(options, out)
+    started = time.perf_counter()
     prepared = prepare(options)
     for spec in ood_specs or ():  # fail on a bad set before any output
         ood_inputs(spec, prepared.sample.x[:2], options.seed)
@@ -95,7 +96,7 @@ def run_audit(options: AuditOptions, out: Path | None = None, ood_specs: list[st
 
     with locked(run_dir):
         try:
-            document = _stages(run_dir, options, prepared, cells, ood_specs, progress)
+            document = _stages(run_dir, options, prepared, cells, ood_specs, progress, started)
         except BaseException as exc:
             _record_failure(run_dir, exc, position.describe())
             raise
@@ -104,8 +105,8 @@ def run_audit(options: AuditOptions, out: Path | None = None, ood_specs: list[st
 
 
 def _stages(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: list[tuple[str, str]],
-            ood_specs: list[str] | None, progress: Progress) -> dict[str, Any]:
-    info = start_run(run_dir, options, prepared, cells)
+            ood_specs: list[str] | None, progress: Progress, started: float) -> dict[str, Any]:
+    info = start_run(run_dir, options, prepared, cells, started)
     log.info("clean accuracy %.3f; run folder %s", info.clean_accuracy, run_dir)
     set_stage(run_dir, "attack", RUNNING)
     if ood_specs:
@@ -121,9 +122,10 @@ def _stages(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: lis
     return write_report(run_dir)
 
 
-def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: list[tuple[str, str]]) -> RunInfo:
-    """Record the run, its sample and its reference inputs in the claimed folder."""
-    started = time.perf_counter()
+def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: list[tuple[str, str]],
+              started: float) -> RunInfo:
+    """Record the run, its sample and its reference inputs in the claimed folder; ``load`` times
+    the checks before work (loading, probing) and this, from ``started``."""
     loaded, sample = prepared.loaded, prepared.sample
     pred = prepared.logits.argmax(dim=1)
     save_arrays(run_dir / "sample.npz", x=sample.x.numpy(), y=sample.y.numpy(), pred=pred.numpy(),
