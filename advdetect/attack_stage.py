@@ -19,6 +19,7 @@ from advdetect.errors import UsageError
 from advdetect.inference import batched_logits
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.records import AttackRecord, derive_seed
+from advdetect.robustness import robust_accuracy
 from advdetect.rundir import cell_paths, read_run, sample_arrays, update_run
 from advdetect.storage import save_arrays, write_json
 from advdetect.records import AttackCell
@@ -113,7 +114,8 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
             hits += 1
         pred = adversarial_predictions(model, cell, adversarial, info.batch_size)
         fooled = (pred != y).numpy()
-        record = cell_record(cell, params, seed, x, adversarial, fooled, round(time.perf_counter() - cell_started, 3))
+        record = cell_record(cell, params, seed, x, adversarial, fooled, round(time.perf_counter() - cell_started, 3),
+                             n_total=len(sample["y"]))
         record_path, arrays_path = cell_paths(run_dir, cell.slug)
         save_arrays(arrays_path, source_index=correct, x_adv=adversarial.numpy(), pred=pred.numpy(), fooled=fooled)
         write_json(record_path, record.to_dict())
@@ -135,8 +137,10 @@ def adversarial_predictions(model: nn.Module, cell: AttackCell, adversarial: tor
 
 
 def cell_record(cell: AttackCell, params: dict, seed: int, x: torch.Tensor, adversarial: torch.Tensor,
-                fooled: np.ndarray, seconds: float) -> AttackRecord:
-    """What one cell's attack did: success rate and the size of its successful perturbations."""
+                fooled: np.ndarray, seconds: float, *, n_total: int) -> AttackRecord:
+    """What one cell's attack did: success rate, robust accuracy over all ``n_total`` audited inputs,
+    and the size of its successful perturbations."""
+    robust, low, high = robust_accuracy(n_total, len(x), int(fooled.sum()))
     delta = (adversarial - x).flatten(1)[torch.from_numpy(fooled)]
     linf, l2 = delta.abs().amax(dim=1).double(), delta.norm(dim=1).double()
 
@@ -148,5 +152,5 @@ def cell_record(cell: AttackCell, params: dict, seed: int, x: torch.Tensor, adve
         strength_name=cell.strength_name, strength=cell.strength, params=params, seed=seed,
         n_attacked=len(x), n_fooled=int(fooled.sum()), attack_success_rate=float(fooled.mean()) if len(x) else None,
         mean_linf=stat(linf, "mean"), max_linf=stat(linf, "max"), mean_l2=stat(l2, "mean"), max_l2=stat(l2, "max"),
-        seconds=seconds,
+        seconds=seconds, robust_accuracy=robust, robust_accuracy_ci_low=low, robust_accuracy_ci_high=high,
     )

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
 
-from advdetect.suite import Suite
+from advdetect.records import cell_key
 
 PASSED, FAILED, SKIPPED = "PASSED", "FAILED", "SKIPPED"
 PROTOCOL = "seen"
+#: Whose AUROC a threshold checks when the suite names no detector.
+DEFAULT_THRESHOLD_DETECTOR = "confounding_gradient"
 
 
 @dataclass(frozen=True)
@@ -44,18 +46,40 @@ class Outcome:
         return f"{self.check.nodeid} {self.status} ({self.message})"
 
 
-def plan_checks(suite: Suite) -> list[Check]:
+def plan_checks(suite: Any) -> list[Check]:
+    """The checks of a :class:`~advdetect.suite.Suite`'s thresholds."""
+    return plan_from_document(suite.to_dict(), suite.name)
+
+
+def plan_from_document(document: dict[str, Any], suite_name: str) -> list[Check]:
+    """The checks of a suite's thresholds, from the suite as ``run.json`` records it (so the report
+    can evaluate them without loading the suite's attacks): one per attack x strength cell and
+    thresholded metric; an attack's own ``thresholds`` override the suite's."""
+    top = document.get("thresholds", {})
     checks = []
-    for spec in suite.attacks:
-        limits = suite.thresholds_for(spec.attack)
-        for cell in spec.cells():
-            if limits.max_attack_success_rate is not None:
-                checks.append(Check(suite.name, cell.attack, cell.key, cell.strength, "attack_success_rate",
-                                    limits.max_attack_success_rate))
-            if limits.min_auroc is not None:
-                checks.append(Check(suite.name, cell.attack, cell.key, cell.strength, "auroc", limits.min_auroc,
-                                    limits.detector))
+    for attack in document.get("attack", []):
+        limits = {**top, **attack.get("thresholds", {})}
+        axis = next(k for k, v in attack.items() if isinstance(v, list))
+        for strength in attack[axis]:
+            key = cell_key(attack["id"], axis, strength)
+            if limits.get("max_attack_success_rate") is not None:
+                checks.append(Check(suite_name, attack["id"], key, strength, "attack_success_rate",
+                                    float(limits["max_attack_success_rate"])))
+            if limits.get("min_auroc") is not None:
+                checks.append(Check(suite_name, attack["id"], key, strength, "auroc", float(limits["min_auroc"]),
+                                    limits.get("detector") or DEFAULT_THRESHOLD_DETECTOR))
     return checks
+
+
+def verdict(checks: list[Check], results: dict[str, Any]) -> dict[str, Any] | None:
+    """The checks' outcomes on a results document, as ``results.json`` keeps them; None without checks."""
+    if not checks:
+        return None
+    outcomes = [evaluate(check, results) for check in checks]
+    return {"passed": sum(o.status == PASSED for o in outcomes), "failed": sum(o.status == FAILED for o in outcomes),
+            "skipped": sum(o.status == SKIPPED for o in outcomes),
+            "checks": [{"nodeid": o.check.nodeid, "status": o.status, "value": o.value, "message": o.message}
+                       for o in outcomes]}
 
 
 def evaluate(check: Check, results: dict[str, Any]) -> Outcome:

@@ -8,7 +8,6 @@ Wilson 95% interval lies wholly above the earlier rate.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from advdetect.errors import DamagedRunFolder
 from advdetect.records import cell_key
+from advdetect.robustness import wilson_interval
 from advdetect.rundir import MANIFEST, read_manifest, read_results
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,6 @@ def earlier_results(run_dir: Path, limit: int) -> list[tuple[Run, dict[str, Any]
         except DamagedRunFolder as exc:
             log.warning("trend: skipping %s (%s)", run.path, exc)
     return found[::-1]
-
-
-def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    center = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return center - half, center + half
 
 
 @dataclass(frozen=True)

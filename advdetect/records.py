@@ -206,6 +206,10 @@ class AttackRecord(Record):
     max_l2: float | None
     seconds: float
     kind: str = "attack"
+    #: share of all audited inputs still classified correctly under this attack, with its Wilson 95% interval
+    robust_accuracy: float | None = None
+    robust_accuracy_ci_low: float | None = None
+    robust_accuracy_ci_high: float | None = None
 
     @property
     def label(self) -> str:
@@ -223,7 +227,7 @@ class AttackRecord(Record):
             raise ValueError(f"the field 'slug' is {json_preview(self.slug)}, not a plain file name")
         if not 0 <= self.n_fooled <= self.n_attacked:
             raise ValueError(f"n_fooled {self.n_fooled} is not between 0 and n_attacked {self.n_attacked}")
-        _fractions(self, ("attack_success_rate",))
+        _fractions(self, ("attack_success_rate", "robust_accuracy", "robust_accuracy_ci_low", "robust_accuracy_ci_high"))
 
 
 @dataclass

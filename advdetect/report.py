@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from advdetect.checks import plan_from_document, verdict  # noqa: E402
 from advdetect.history import trend  # noqa: E402
 from advdetect.records import PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
-    format_strength  # noqa: E402
-from advdetect.rundir import MANIFEST, read_attack_records, read_detection, read_run, read_scores, update_run  # noqa: E402
-from advdetect.storage import atomic_write, write_bytes, write_json  # noqa: E402
+    derive_seed, format_strength  # noqa: E402
+from advdetect.robustness import worst_case  # noqa: E402
+from advdetect.rundir import MANIFEST, cell_fooled, cell_paths, read_arrays, read_attack_records, read_detection, \
+    read_run, read_scores, sample_arrays, update_run  # noqa: E402
+from advdetect.report_pdf import write_pdf  # noqa: E402
+from advdetect.storage import write_bytes, write_json  # noqa: E402
 
 #: User strings (suite names, attack ids, model specs) reach titles and labels: drawn as typed,
 #: never as matplotlib math text, where a pair of "$" would fail or change the text.
@@ -62,8 +64,10 @@ def load_cells(run_dir: Path) -> tuple[RunInfo, list[Cell]]:
     return info, cells
 
 
-def results_document(info: RunInfo, cells: list[Cell]) -> dict[str, Any]:
-    return {
+def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``results.json``: what was audited, every cell's record, every result row, the per-input worst
+    case of robust accuracy per threat model and strength, and the verdict of the suite's thresholds."""
+    document = {
         "schema": RESULTS_SCHEMA,
         "clean_accuracy": info.clean_accuracy,
         "model": info.model,
@@ -77,7 +81,99 @@ def results_document(info: RunInfo, cells: list[Cell]) -> dict[str, Any]:
         "timings": info.timings,
         "attacks": [cell.record.to_dict() for cell in cells],
         "results": [row.to_dict() for cell in cells for row in cell.rows],
+        "robust_accuracy": robust_accuracy or [],
     }
+    document["verdict"] = verdict(plan_from_document(info.suite.get("document", {}), info.suite["name"]), document)
+    return document
+
+
+def worst_case_robustness(run_dir: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """Robust accuracy's per-input worst case over the attacks of each threat model and strength."""
+    attacked = [c for c in cells if not isinstance(c.record, OodRecord)]
+    if not attacked:
+        return []
+    sample = sample_arrays(run_dir)
+    n_correct = int((sample["pred"] == sample["y"]).sum())
+    return worst_case([(c.record.to_dict(), cell_fooled(run_dir, c.record, n_correct)) for c in attacked],
+                      len(sample["y"]))
+
+
+def key_findings(document: dict[str, Any]) -> dict[str, Any]:
+    """What a reader opens the report for: the attack that hurts most, the worst case per threat
+    model and strength, and the best detector of each attack under each protocol."""
+    attacks = [a for a in document["attacks"] if a.get("robust_accuracy") is not None]
+    hurts_most = min(attacks, key=lambda a: a["robust_accuracy"], default=None)
+    best: dict[str, dict[str, tuple[str, float]]] = {}
+    for protocol in PROTOCOLS:
+        for attack in dict.fromkeys(a["attack"] for a in document["attacks"]):
+            scores: dict[str, list[float]] = {}
+            for row in document["results"]:
+                if row["attack"] == attack and row["protocol"] == protocol and row["auroc"] is not None:
+                    scores.setdefault(row["detector"], []).append(row["auroc"])
+            if scores:
+                name = max(scores, key=lambda d: float(np.mean(scores[d])))
+                best.setdefault(attack, {})[protocol] = (name, float(np.mean(scores[name])))
+    return {"hurts_most": hurts_most, "worst_case": document.get("robust_accuracy", []), "best": best}
+
+
+#: Inputs shown per attack in "what the attacks did".
+THUMBNAILS_PER_ATTACK = 4
+
+
+@dataclass
+class Thumbnails:
+    """A few seeded inputs of one cell: clean, adversarial and the perturbation amplified to the
+    full range, with the label and the model's class on the adversarial input."""
+
+    key: str
+    clean: np.ndarray
+    adversarial: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+
+    @property
+    def amplified(self) -> tuple[np.ndarray, float]:
+        delta = self.adversarial - self.clean
+        gain = 0.5 / max(float(np.abs(delta).max()), 1e-12)
+        return 0.5 + gain * delta, gain
+
+
+def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell]) -> dict[str, Thumbnails]:
+    """Per attack, inputs of its strongest cell (fooled ones when there are any), seeded."""
+    sample = sample_arrays(run_dir)
+    correct = np.flatnonzero(sample["pred"] == sample["y"])
+    shape = sample["x"].shape[1:]
+    found = {}
+    for attack, attack_cells in _by_attack(cells).items():
+        record = attack_cells[-1].record
+        if isinstance(record, OodRecord) or not len(correct):
+            continue
+        _, path = cell_paths(run_dir, record.slug)
+        arrays = read_arrays(path, {"x_adv": ("f", (len(correct), *shape)), "fooled": ("b", (len(correct),)),
+                                    "pred": ("iu", (len(correct),))}, only_checked=True)
+        pool = np.flatnonzero(arrays["fooled"]) if arrays["fooled"].any() else np.arange(len(correct))
+        rng = np.random.default_rng(derive_seed(info.seed, "thumbnails", record.key))
+        picks = np.sort(rng.choice(pool, size=min(THUMBNAILS_PER_ATTACK, len(pool)), replace=False))
+        found[attack] = Thumbnails(record.key, sample["x"][correct[picks]], arrays["x_adv"][picks],
+                                   sample["y"][correct[picks]], arrays["pred"][picks])
+    return found
+
+
+def draw_thumbnails(axes: np.ndarray, thumbnails: Thumbnails) -> None:
+    """Three rows of axes (clean, adversarial, perturbation), one column per input."""
+    amplified, gain = thumbnails.amplified
+    for j in range(len(thumbnails.labels)):
+        label, prediction = int(thumbnails.labels[j]), int(thumbnails.predictions[j])
+        for row, (image, title, color) in enumerate((
+                (thumbnails.clean[j], f"clean: {label}", "0.2"),
+                (thumbnails.adversarial[j], f"adversarial: {prediction}", "#b00020" if prediction != label else "0.2"),
+                (amplified[j], f"perturbation x{gain:.0f}", "0.4"))):
+            ax = axes[row, j]
+            picture = image.transpose(1, 2, 0)
+            ax.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=6.5, color=color)
+            ax.set_xticks([])
+            ax.set_yticks([])
 
 
 def _color(detectors: list[str], name: str) -> tuple[float, float, float]:
@@ -180,12 +276,12 @@ def summary_table(document: dict[str, Any], protocol: str = "seen") -> tuple[lis
     column per detector under ``protocol``, the best of each row marked ``*``. The report and the
     terminal show the same table."""
     detectors, aurocs = _aurocs(document, protocol)
-    header = ["attack", "strength", "success", "mean L2", "mean Linf", *detectors]
+    header = ["attack", "strength", "success", "robust acc", "mean L2", "mean Linf", *detectors]
     table = []
     for a in _cells_of(document):
         values = [aurocs.get((a["attack"], a["strength"], d)) for d in detectors]
         best = _best(values)
-        table.append([a["attack"], cell_label(a), _pct(a["attack_success_rate"]),
+        table.append([a["attack"], cell_label(a), _pct(a["attack_success_rate"]), _pct(a.get("robust_accuracy")),
                       *["-" if a[k] is None else f"{a[k]:.3f}" for k in ("mean_l2", "mean_linf")],
                       *["-" if v is None else f"{v:.3f}{'*' if i in best else ''}" for i, v in enumerate(values)]])
     return header, table
@@ -203,11 +299,22 @@ def comparison_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
                  for a in _cells_of(document)]
         grid = [[aurocs.get((attack, strength, d)) for attack, strength, _ in cells] for d in detectors]
         best = [_best([grid[i][j] for i in range(len(detectors))]) for j in range(len(cells))]
-        rows = [{"detector": d, "cells": [("-" if v is None else f"{v:.3f}", i in best[j]) for j, v in enumerate(grid[i])]}
+        intervals = {(r["attack"], r["strength"], r["detector"]): (r.get("auroc_ci_low"), r.get("auroc_ci_high"))
+                     for r in document["results"] if r["protocol"] == protocol}
+        rows = [{"detector": d, "cells": [("-" if v is None else f"{v:.3f}", i in best[j],
+                                           _interval(intervals.get((cells[j][0], cells[j][1], d))))
+                                          for j, v in enumerate(grid[i])]}
                 for i, d in enumerate(detectors)]
         tables.append({"protocol": protocol, "description": PROTOCOL_TEXT[protocol],
                        "columns": [{"attack": a, "strength": label} for a, _, label in cells], "rows": rows})
     return tables
+
+
+def _interval(bounds: tuple[float | None, float | None] | None) -> str:
+    """``±0.023``: half the width of a 95% interval, for a table cell; empty when there is none."""
+    if not bounds or bounds[0] is None or bounds[1] is None:
+        return ""
+    return f"±{(bounds[1] - bounds[0]) / 2:.3f}"
 
 
 PROTOCOL_TEXT = {
@@ -239,110 +346,57 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
     ]
 
 
-#: Trend table rows per PDF page (one row per cell x detector x protocol).
-TREND_ROWS_PER_PAGE = 34
+def verdict_view(document: dict[str, Any]) -> dict[str, Any]:
+    """The verdict as the report opens with it: PASS, FAIL or no thresholds, the counts, the failed checks."""
+    outcome = document.get("verdict")
+    if outcome is None:
+        return {"status": "NO THRESHOLDS", "css": "none", "color": "#6c757d", "counts": "",
+                "text": "the suite sets no thresholds, so there is nothing to pass or fail; add a [thresholds] table "
+                        "and run advdetect check", "failed": []}
+    failed = [c for c in outcome["checks"] if c["status"] == "FAILED"]
+    return {"status": "FAIL" if failed else "PASS", "css": "fail" if failed else "pass",
+            "color": "#b00020" if failed else "#1e7e34",
+            "counts": f"{outcome['passed']} passed, {outcome['failed']} failed, {outcome['skipped']} skipped",
+            "text": "", "failed": [f"{c['nodeid']} ({c['message']})" for c in failed]}
 
 
-def draw_trend_page(pdf: PdfPages, trend: dict[str, Any]) -> None:
-    table = [[r["cell"], f"{r['detector']} ({r['protocol']})", " ".join("-" if v is None else f"{v:.3f}" for v in r["history"]),
-              "-" if r["current"] is None else f"{r['current']:.3f}", "REGRESSION" if r["regression"] else ""]
-             for r in trend["rows"]]
-    pages = [table[i : i + TREND_ROWS_PER_PAGE] for i in range(0, len(table), TREND_ROWS_PER_PAGE)] or [[]]
-    for number, rows in enumerate(pages, start=1):
-        fig = plt.figure(figsize=(11.7, 8.3))
-        fig.text(0.04, 0.95, f"Trend over {len(trend['runs'])} earlier run(s) in this output root"
-                             + (f" ({number} of {len(pages)})" if len(pages) > 1 else ""), fontsize=14, weight="bold")
-        fig.text(0.04, 0.915, f"{trend['regressions']} regression(s) against the last run: an AUROC whose 95% bootstrap "
-                              f"interval lies below the earlier value, or a success rate whose 95% interval lies above it"
-                              + (f" (success rate: {', '.join(trend['asr_regressions'])})" if trend["asr_regressions"] else ""),
-                 fontsize=8)
-        ax = fig.add_axes([0.04, 0.03, 0.92, 0.85])
-        ax.axis("off")
-        if rows:
-            tbl = ax.table(cellText=rows, colLabels=["cell", "detector", "earlier AUROC (oldest first)", "AUROC now", ""],
-                           loc="upper center", cellLoc="center")
-            tbl.auto_set_font_size(False)
-            tbl.set_fontsize(7)
-            for (i, j), cell in tbl.get_celld().items():
-                if i > 0 and rows[i - 1][4]:
-                    cell.set_facecolor("#f8d7da")
-        pdf.savefig(fig)
-        plt.close(fig)
+def finding_lines(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """The key numbers, as (label, text) lines."""
+    findings = key_findings(document)
+    lines = [("clean accuracy", f"{document['clean_accuracy']:.3f} on {document['data']['n']} inputs")]
+    for bucket in findings["worst_case"]:
+        lines.append((f"robust accuracy, {bucket['threat_model']} {bucket['strength_name']}="
+                      f"{format_strength(bucket['strength'])}",
+                      f"{bucket['robust_accuracy']:.3f} [{bucket['robust_accuracy_ci_low']:.3f}, "
+                      f"{bucket['robust_accuracy_ci_high']:.3f}], worst case over {', '.join(bucket['attacks'])}"))
+    worst = findings["hurts_most"]
+    if worst is not None:
+        lines.append(("hurts most", f"{worst['key']}: robust accuracy {worst['robust_accuracy']:.3f}, "
+                                    f"success rate {_pct(worst['attack_success_rate'])}"))
+    for attack, protocols in findings["best"].items():
+        lines.append((f"best detector, {attack}", "; ".join(f"{protocol}: {name} (mean AUROC {value:.3f})"
+                                                             for protocol, (name, value) in protocols.items())))
+    return lines
 
 
-def draw_comparison_page(pdf: PdfPages, table: dict[str, Any]) -> None:
-    fig = plt.figure(figsize=(11.7, 8.3))
-    fig.text(0.04, 0.95, f"Detector comparison, protocol {table['protocol']}: AUROC", fontsize=14, weight="bold")
-    fig.text(0.04, 0.915, _wrap(table["description"] + "; the best of each column is bold.", 170), fontsize=8, va="top")
-    ax = fig.add_axes([0.02, 0.05, 0.96, 0.83])
-    ax.axis("off")
-    labels = ["detector", *[f"{c['attack']}\n{c['strength']}" for c in table["columns"]]]
-    text = [[row["detector"], *[v for v, _ in row["cells"]]] for row in table["rows"]]
-    widths = [0.17, *[0.83 / len(table["columns"])] * len(table["columns"])]
-    tbl = ax.table(cellText=text, colLabels=labels, colWidths=widths, loc="upper center", cellLoc="center")
-    tbl.auto_set_font_size(False)
-    tbl.set_fontsize(6.5 if len(table["columns"]) <= 16 else 5)
-    tbl.scale(1, 1.6)
-    for (i, j), cell in tbl.get_celld().items():
-        if i == 0:
-            cell.set_height(cell.get_height() * 1.6)
-            cell.set_facecolor("#f3f3f3")
-        elif j > 0 and table["rows"][i - 1]["cells"][j - 1][1]:
-            cell.set_text_props(weight="bold")
-            cell.set_facecolor("#d4edda")
-    pdf.savefig(fig)
-    plt.close(fig)
+def _plotted(cell: Cell, protocol: str = "seen") -> bool:
+    return any(r.auroc is not None for r in cell.rows if r.protocol == protocol)
 
 
-def write_pdf(path: Path, info: RunInfo, cells: list[Cell], document: dict[str, Any],
-              trend: dict[str, Any] | None = None) -> None:
-    def render(handle: Any) -> None:
-        with PdfPages(handle) as pdf:
-            fig = plt.figure(figsize=(11.7, 8.3))
-            fig.text(0.04, 0.95, "advdetect audit report", fontsize=16, weight="bold")
-            y = 0.90
-            for key, value in header_items(info):
-                fig.text(0.04, y, f"{key}:", fontsize=8, weight="bold")
-                fig.text(0.17, y, _wrap(value, 150), fontsize=8, va="top" if len(value) > 150 else "baseline")
-                y -= 0.03 if len(value) <= 150 else 0.045
-            header, table = summary_table(document)
-            ax = fig.add_axes([0.04, 0.03, 0.92, y - 0.06])
-            ax.axis("off")
-            tbl = ax.table(cellText=table, colLabels=header, loc="upper center", cellLoc="center")
-            tbl.auto_set_font_size(False)
-            tbl.set_fontsize(7)
-            tbl.scale(1, 1.15)
-            pdf.savefig(fig)
-            plt.close(fig)
-            for table in comparison_tables(document):
-                draw_comparison_page(pdf, table)
-            if trend:
-                draw_trend_page(pdf, trend)
-            for attack, attack_cells in _by_attack(cells).items():
-                columns = len(attack_cells) + 1
-                ncols = min(columns, 4)
-                nrows = math.ceil(columns / ncols)
-                fig, axes = plt.subplots(nrows, ncols, figsize=(11.7, 8.3 if nrows > 1 else 4.6), squeeze=False)
-                for ax, cell in zip(axes.flat, attack_cells):
-                    draw_roc(ax, cell, info.detectors)
-                draw_comparison(axes.flat[len(attack_cells)], attack_cells, info.detectors)
-                for ax in list(axes.flat)[columns:]:
-                    ax.axis("off")
-                fig.suptitle(f"{attack}: ROC per strength, every detector, protocol seen (adversarial = positive)",
-                             fontsize=12)
-                fig.tight_layout()
-                pdf.savefig(fig)
-                plt.close(fig)
-
-    atomic_write(path, render)
+def _unplotted_reason(cell: Cell, protocol: str = "seen") -> str:
+    return next((r.reason for r in cell.rows if r.protocol == protocol and r.reason), "no detector was scored")
 
 
-def write_html(path: Path, info: RunInfo, cells: list[Cell], document: dict[str, Any],
-               trend: dict[str, Any] | None = None) -> None:
+def report_sections(info: RunInfo, cells: list[Cell], thumbnails: dict[str, Thumbnails]) -> list[dict[str, Any]]:
+    """Per attack, what the HTML and the PDF both show: ROC figures (PNG, base64) with their
+    captions, one line per cell with nothing to plot, the strength comparison and the thumbnails."""
     sections = []
     for attack, attack_cells in _by_attack(cells).items():
-        figures = []
+        figures, unplotted = [], []
         for cell in attack_cells:
+            if not _plotted(cell):
+                unplotted.append(f"{cell.record.key}: no ROC, {_unplotted_reason(cell)}")
+                continue
             fig, ax = plt.subplots(figsize=(4.2, 4.4))
             draw_roc(ax, cell, info.detectors)
             rows = [r for r in cell.rows if r.protocol == "seen"]
@@ -351,29 +405,67 @@ def write_html(path: Path, info: RunInfo, cells: list[Cell], document: dict[str,
                 if r.auroc is None:
                     unscored.setdefault(r.reason or "not scored", []).append(r.detector)
             figures.append({"anchor": cell.anchor, "alt": f"ROC curves, {cell.record.key}", "png": _png(fig),
-                            "rows": [r for r in rows if r.auroc is not None], "unscored": unscored})
+                            "captions": [_caption(r) for r in rows if r.auroc is not None]
+                            + [f"{', '.join(names)}: {reason}" for reason, names in unscored.items()]})
         fig, ax = plt.subplots(figsize=(4.6, 4.4))
         draw_comparison(ax, attack_cells, info.detectors)
-        sections.append({"attack": attack, "figures": figures, "comparison": _png(fig),
-                         "params": attack_cells[0].record.params, "strength_name": attack_cells[0].record.strength_name})
+        comparison = _png(fig)
+        strip, strip_png = thumbnails.get(attack), None
+        if strip is not None:
+            fig, axes = plt.subplots(3, len(strip.labels), figsize=(1.25 * len(strip.labels), 4.0), squeeze=False)
+            draw_thumbnails(axes, strip)
+            fig.tight_layout()
+            strip_png = _png(fig)
+        record = attack_cells[0].record
+        sections.append({"attack": attack, "figures": figures, "unplotted": unplotted, "comparison": comparison,
+                         "params": " ".join(f"{k}={v}" for k, v in record.params.items() if k != record.strength_name),
+                         "thumbnails": strip_png, "thumbnails_key": strip.key if strip else None})
+    return sections
+
+
+def _caption(row: ResultRow) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in row.detector_params.items())
+    return (f"{row.detector}: AUROC {row.auroc:.3f}, FPR@95%TPR {row.fpr_at_95tpr:.3f}, detection accuracy "
+            f"{row.detection_accuracy:.3f}" + (f" ({params})" if params else ""))
+
+
+#: How to read the summary, in both the HTML and the PDF.
+READING_NOTE = ("How to read this: success is the share of correctly classified inputs that the attack fooled (lower is a "
+                "more robust model); robust acc the share of all audited inputs still classified correctly. AUROC is "
+                "the probability that a detector scores a random adversarial input above a random clean one: 0.5 is "
+                "chance, 1.0 is perfect separation. A dash means the cell had too few adversarial examples to fit or "
+                "score; its reason is under its figure.")
+ROBUST_NOTE = ("Robust accuracy is the share of all audited inputs that the model still classifies correctly under "
+               "attack (RobustBench's definition), with its Wilson 95% interval; the worst case counts an input as "
+               "robust only if no attack of that threat model and strength fooled it.")
+
+
+def report_view(info: RunInfo, cells: list[Cell], document: dict[str, Any], trend: dict[str, Any] | None,
+                thumbnails: dict[str, Thumbnails]) -> dict[str, Any]:
+    """Everything the report shows, once, for the HTML template and the PDF layout alike."""
     header, table = summary_table(document)
+    return {"header_items": header_items(info), "header": header, "table": table,
+            "sections": report_sections(info, cells, thumbnails), "trend": trend,
+            "comparisons": comparison_tables(document), "verdict": verdict_view(document),
+            "findings": finding_lines(document), "reading_note": READING_NOTE, "robust_note": ROBUST_NOTE}
+
+
+def write_html(path: Path, view: dict[str, Any]) -> None:
     env = Environment(loader=PackageLoader("advdetect", "templates"), autoescape=select_autoescape(["html", "j2"]))
-    html = env.get_template("report.html.j2").render(
-        header_items=header_items(info), header=header, table=table, sections=sections, detectors=info.detectors,
-        trend=trend, comparisons=comparison_tables(document),
-    )
-    write_bytes(path, html.encode())
+    write_bytes(path, env.get_template("report.html.j2").render(**view).encode())
 
 
 def write_report(run_dir: Path) -> dict[str, Any]:
     """Write ``report.pdf``, ``report.html`` and ``results.json``; returns the results document."""
     started = time.perf_counter()
     info, cells = load_cells(run_dir)
-    document = results_document(info, cells)
+    document = results_document(info, cells, worst_case_robustness(run_dir, cells))
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
+    thumbnails = attack_thumbnails(run_dir, info, cells)
     with matplotlib.rc_context(LITERAL_TEXT):
-        write_pdf(run_dir / "report.pdf", info, cells, document, run_trend)
-        write_html(run_dir / "report.html", info, cells, document, run_trend)
+        view = report_view(info, cells, document, run_trend, thumbnails)
+    write_pdf(run_dir / "report.pdf", view)
+    write_html(run_dir / "report.html", view)
     info = update_run(run_dir, ("report", time.perf_counter() - started))
     document["timings"] = info.timings
     write_json(run_dir / "results.json", document)

@@ -166,13 +166,14 @@ def parse(cls: type[Record], data: Any, path: Path, where: str = "", hint: str =
         raise damaged(path, f"{where}{exc}", hint) from None
 
 
-def read_arrays(path: Path, shapes: dict[str, tuple[str, tuple[int | None, ...]]], hint: str = "") -> dict[str, np.ndarray]:
+def read_arrays(path: Path, shapes: dict[str, tuple[str, tuple[int | None, ...]]], hint: str = "",
+                only_checked: bool = False) -> dict[str, np.ndarray]:
     """Arrays of an npz file, each checked against ``shapes``: name -> (dtype kinds, shape with
-    None for any length)."""
+    None for any length); with ``only_checked``, the others are not read."""
     if not path.is_file():
         raise damaged(path, "missing", hint)
     try:
-        arrays = load_arrays(path)
+        arrays = load_arrays(path, keys=shapes if only_checked else None)
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise damaged(path, "holds Python objects, which advdetect never writes", hint) from None
@@ -283,6 +284,15 @@ def cell_arrays(run_dir: Path, record: AttackRecord, n_correct: int, image_shape
     if int(arrays["fooled"].sum()) != record.n_fooled:
         raise damaged(path, f"it marks {int(arrays['fooled'].sum())} inputs fooled, its record {record.n_fooled}")
     return arrays
+
+
+def cell_fooled(run_dir: Path, record: AttackRecord, n_correct: int) -> np.ndarray:
+    """Which of the correctly classified inputs the cell's attack fooled (its ``x_adv`` left unread)."""
+    _, path = cell_paths(run_dir, record.slug)
+    fooled = read_arrays(path, {"fooled": ("b", (n_correct,))}, only_checked=True)["fooled"]
+    if int(fooled.sum()) != record.n_fooled:
+        raise damaged(path, f"it marks {int(fooled.sum())} inputs fooled, its record {record.n_fooled}")
+    return fooled
 
 
 def read_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord]) -> list[ResultRow]:

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 
@@ -63,10 +63,12 @@ def save_arrays(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an npz archive; ValueError for anything else (numpy would try it as a pickle)."""
+def load_arrays(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an npz archive (only ``keys`` of them, when given); ValueError for anything
+    else (numpy would try it as a pickle)."""
     with path.open("rb") as handle:
         if handle.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip file; the second, an empty one
             raise ValueError("not an npz archive (numpy.savez writes a zip file)")
     with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+        wanted = data.files if keys is None else [k for k in keys if k in data.files]
+        return {key: data[key] for key in wanted}
