@@ -9,12 +9,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 from advdetect.errors import ExitCode, Terminated, UsageError
 from advdetect.models import Dataset, ThreatModel
 
 log = logging.getLogger("advdetect")
+T = TypeVar("T")
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,44 +25,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE_ERROR, f"advdetect: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _checked(parse: Callable[[str], T], what: str, valid: Callable[[T], bool], rule: str) -> Callable[[str], T]:
+    """An argparse type: ``parse`` the text (a usage error naming ``what`` was expected), then
+    require ``valid`` (a usage error saying ``rule``)."""
+    def convert(text: str) -> T:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    return convert
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
-    return values
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {2**32 - 1}, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+_positive_int = _checked(int, "a whole number", lambda v: v >= 1, "must be at least 1")
+_seed = _checked(int, "a whole number", lambda v: 0 <= v < 2**32, f"must be from 0 to {2**32 - 1}")
+_fraction = _checked(float, "a number", lambda v: 0.0 < v < 1.0, "must lie strictly between 0 and 1")
+_floats = _checked(lambda text: tuple(float(v) for v in text.split(",")), "comma-separated numbers",
+                   lambda values: all(math.isfinite(v) for v in values), "expected finite numbers")
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) -> None:

@@ -1,6 +1,19 @@
 import json
 from pathlib import Path
 
+#: Two attacks, three cells: a weak FGSM cell that fools few inputs and two strong ones.
+TINY_SUITE = """
+[[attack]]
+name = "fgsm"
+eps = [0.1, 0.3]
+
+[[attack]]
+name = "pgd"
+eps = [0.3]
+alpha = 0.1
+steps = 3
+"""
+
 
 def results_without_timings(run_dir: Path) -> dict:
     """results.json less what legitimately differs between identical runs: times and timings."""

@@ -7,22 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_SUITE
 
 from advdetect.cli import main
 from advdetect.detectors import DETECTORS
 from advdetect.metrics import METRIC_NAMES
 
-TINY_SUITE = """
-[[attack]]
-name = "fgsm"
-eps = [0.1, 0.3]
-
-[[attack]]
-name = "pgd"
-eps = [0.3]
-alpha = 0.1
-steps = 3
-"""
 ROW_KEYS = {"attack", "strength_name", "strength", "detector", "protocol", "n_clean", "n_adv", "attack_success_rate",
             *METRIC_NAMES, "reason"}
 
@@ -132,7 +122,7 @@ def test_console_entry_point_exits_2_on_bad_input(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("advdetect: error: suite file 'nope.toml' not found; "
-                                     "give a TOML suite path or one of: default, standard")
+                                     "give a TOML suite path or one of: autoattack, default, nightly, standard")
     assert not (tmp_path / "run").exists()
 
 

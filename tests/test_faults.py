@@ -11,23 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_SUITE
 import torch
 
 from advdetect.cli import main
 from advdetect.errors import ExitCode
 from advdetect.rundir import claim_new
 
-TINY_SUITE = """
-[[attack]]
-name = "fgsm"
-eps = [0.1, 0.3]
-
-[[attack]]
-name = "pgd"
-eps = [0.3]
-alpha = 0.1
-steps = 3
-"""
 
 MODELS = '''
 import torch

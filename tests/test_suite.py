@@ -74,7 +74,7 @@ def test_invalid_suites_are_one_clear_error(text, message):
 
 
 def test_missing_suite_file_names_the_builtin_suites(tmp_path):
-    with pytest.raises(UsageError, match=r"suite file '.*missing.toml' not found; .* default, standard"):
+    with pytest.raises(UsageError, match=r"suite file '.*missing.toml' not found; .* autoattack, default, nightly, standard"):
         load_suite(str(tmp_path / "missing.toml"))
 
 
