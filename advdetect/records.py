@@ -26,6 +26,16 @@ def format_strength(value: float) -> str:
     return short if float(short) == value else repr(float(value))
 
 
+def display_strength(value: float) -> str:
+    """A strength as tables show it: ``8/255`` where the exact value is a whole number of 255ths
+    and has no short form, else :func:`format_strength`."""
+    text = format_strength(value)
+    steps = value * 255
+    if len(text) > 8 and abs(steps - round(steps)) < 1e-9 and round(steps) > 0:
+        return f"{round(steps)}/255"
+    return text
+
+
 def cell_key(attack: str, strength_name: str, strength: float) -> str:
     """``pgd[eps=0.1]``: how results, checks and history name one attack at one strength."""
     return f"{attack}[{strength_name}={format_strength(strength)}]"
@@ -52,7 +62,7 @@ def cell_label(record: dict[str, Any], sep: str = "=") -> str:
     set's name; ``record`` is a cell record's dict (as in ``results.json``)."""
     if record.get("kind") == OOD or record["attack"] == OOD:  # "kind" was added after OOD runs existed
         return str(record["params"]["set"])
-    return f"{record['strength_name']}{sep}{format_strength(record['strength'])}"
+    return f"{record['strength_name']}{sep}{display_strength(record['strength'])}"
 
 
 def derive_seed(seed: int, *parts: object) -> int:

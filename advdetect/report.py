@@ -20,7 +20,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from advdetect.checks import plan_from_document, verdict  # noqa: E402
 from advdetect.history import trend  # noqa: E402
 from advdetect.records import PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
-    derive_seed, format_strength  # noqa: E402
+    derive_seed, display_strength  # noqa: E402
 from advdetect.robustness import worst_case  # noqa: E402
 from advdetect.rundir import MANIFEST, cell_fooled, cell_paths, read_arrays, read_attack_records, read_detection, \
     read_run, read_scores, sample_arrays, update_run  # noqa: E402
@@ -220,7 +220,7 @@ def draw_comparison(ax: plt.Axes, attack_cells: list[Cell], detectors: list[str]
     ax.plot(positions, [np.nan if c.record.attack_success_rate is None else c.record.attack_success_rate for c in attack_cells],
             marker="s", linestyle=":", color="0.35", label="attack success rate")
     ax.axhline(0.5, linestyle="--", color="0.7", linewidth=1)
-    ax.set_xticks(positions, [c.record.label if isinstance(c.record, OodRecord) else format_strength(c.record.strength)
+    ax.set_xticks(positions, [c.record.label if isinstance(c.record, OodRecord) else display_strength(c.record.strength)
                               for c in attack_cells])
     ax.set_xlabel(attack_cells[0].record.strength_name, fontsize=8)
     ax.set_ylabel("AUROC / success rate", fontsize=8)
@@ -366,7 +366,7 @@ def finding_lines(document: dict[str, Any]) -> list[tuple[str, str]]:
     lines = [("clean accuracy", f"{document['clean_accuracy']:.3f} on {document['data']['n']} inputs")]
     for bucket in findings["worst_case"]:
         lines.append((f"robust accuracy, {bucket['threat_model']} {bucket['strength_name']}="
-                      f"{format_strength(bucket['strength'])}",
+                      f"{display_strength(bucket['strength'])}",
                       f"{bucket['robust_accuracy']:.3f} [{bucket['robust_accuracy_ci_low']:.3f}, "
                       f"{bucket['robust_accuracy_ci_high']:.3f}], worst case over {', '.join(bucket['attacks'])}"))
     worst = findings["hurts_most"]
@@ -374,8 +374,9 @@ def finding_lines(document: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(("hurts most", f"{worst['key']}: robust accuracy {worst['robust_accuracy']:.3f}, "
                                     f"success rate {_pct(worst['attack_success_rate'])}"))
     for attack, protocols in findings["best"].items():
-        lines.append((f"best detector, {attack}", "; ".join(f"{protocol}: {name} (mean AUROC {value:.3f})"
-                                                             for protocol, (name, value) in protocols.items())))
+        lines.append((f"best detector, {attack}", "; ".join(
+            f"{protocol}: {name} (mean AUROC {value:.3f}{', below chance' if value < 0.5 else ''})"
+            for protocol, (name, value) in protocols.items())))
     return lines
 
 
