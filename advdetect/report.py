@@ -21,7 +21,7 @@ from advdetect.checks import plan_from_document, verdict  # noqa: E402
 from advdetect.history import trend  # noqa: E402
 from advdetect.records import PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
     derive_seed, display_strength  # noqa: E402
-from advdetect.robustness import worst_case  # noqa: E402
+from advdetect.robustness import robust_accuracy, worst_case  # noqa: E402
 from advdetect.rundir import MANIFEST, cell_fooled, cell_paths, read_arrays, read_attack_records, read_detection, \
     read_run, read_scores, sample_arrays, update_run  # noqa: E402
 from advdetect.report_pdf import write_pdf  # noqa: E402
@@ -59,6 +59,9 @@ def load_cells(run_dir: Path) -> tuple[RunInfo, list[Cell]]:
     rows = read_detection(run_dir, info, records)
     cells = []
     for record in records:
+        if record.robust_accuracy is None and not isinstance(record, OodRecord):  # written before it was recorded
+            (record.robust_accuracy, record.robust_accuracy_ci_low,
+             record.robust_accuracy_ci_high) = robust_accuracy(int(info.data["n"]), record.n_attacked, record.n_fooled)
         cell_rows = [r for r in rows if r.attack == record.attack and r.strength == record.strength]
         cells.append(Cell(record, cell_rows, read_scores(run_dir, record, cell_rows)))
     return info, cells
