@@ -90,12 +90,11 @@ def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dic
     return document
 
 
-def worst_case_robustness(run_dir: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+def worst_case_robustness(run_dir: Path, cells: list[Cell], sample: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Robust accuracy's per-input worst case over the attacks of each threat model and strength."""
     attacked = [c for c in cells if not isinstance(c.record, OodRecord)]
     if not attacked:
         return []
-    sample = sample_arrays(run_dir)
     n_correct = int((sample["pred"] == sample["y"]).sum())
     return worst_case([(c.record.to_dict(), cell_fooled(run_dir, c.record, n_correct)) for c in attacked],
                       len(sample["y"]))
@@ -141,9 +140,8 @@ class Thumbnails:
         return 0.5 + gain * delta, gain
 
 
-def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell]) -> dict[str, Thumbnails]:
+def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell], sample: dict[str, np.ndarray]) -> dict[str, Thumbnails]:
     """Per attack, inputs of its strongest cell (fooled ones when there are any), seeded."""
-    sample = sample_arrays(run_dir)
     correct = np.flatnonzero(sample["pred"] == sample["y"])
     shape = sample["x"].shape[1:]
     found = {}
@@ -463,9 +461,10 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     """Write ``report.pdf``, ``report.html`` and ``results.json``; returns the results document."""
     started = time.perf_counter()
     info, cells = load_cells(run_dir)
-    document = results_document(info, cells, worst_case_robustness(run_dir, cells))
+    sample = sample_arrays(run_dir)
+    document = results_document(info, cells, worst_case_robustness(run_dir, cells, sample))
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
-    thumbnails = attack_thumbnails(run_dir, info, cells)
+    thumbnails = attack_thumbnails(run_dir, info, cells, sample)
     with matplotlib.rc_context(LITERAL_TEXT):
         view = report_view(info, cells, document, run_trend, thumbnails)
     write_pdf(run_dir / "report.pdf", view)
