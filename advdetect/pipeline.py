@@ -12,7 +12,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +20,20 @@ from advdetect.attack_stage import attack_stage
 from advdetect.cache import tensor_sha256
 from advdetect.detect_stage import detect_stage
 from advdetect.errors import UsageError
+from advdetect.history import now
 from advdetect.ood import ood_inputs, ood_stage, set_cells, set_name
-from advdetect.preflight import AuditOptions, Prepared, package_versions, prepare
+from advdetect.preflight import AuditOptions, Prepared, package_versions, prepare, reload_model
 from advdetect.progress import Progress, no_progress
 from advdetect.records import RunInfo
 from advdetect.report import write_report
 from advdetect.rundir import COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new, json_sha256, \
-    locked, set_stage, update_run, write_manifest
+    locked, read_attack_records, read_run, set_stage, update_run, write_manifest
 from advdetect.storage import save_arrays, user_cache_dir, write_bytes, write_json
 
 log = logging.getLogger("advdetect")
 
 #: Where run folders go when no ``--out`` is given.
 DEFAULT_ROOT = Path("reports")
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -153,9 +150,6 @@ def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: l
 
 def rerun_detection(run_dir: Path) -> dict[str, Any]:
     """``advdetect detect``: the detect stage and the report again, on a finished attack stage."""
-    from advdetect.preflight import reload_model
-    from advdetect.rundir import read_attack_records, read_run
-
     info = read_run(run_dir)
     with locked(run_dir):
         records = read_attack_records(run_dir, info)
@@ -166,8 +160,6 @@ def rerun_detection(run_dir: Path) -> dict[str, Any]:
 
 def rewrite_report(run_dir: Path) -> dict[str, Any]:
     """``advdetect report``: the report again, from a finished detect stage."""
-    from advdetect.rundir import read_run
-
     read_run(run_dir)
     with locked(run_dir):
         return write_report(run_dir)

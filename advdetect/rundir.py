@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -360,8 +362,6 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 def write_manifest(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Create or update the run's manifest; the first call records the command line."""
-    import sys
-
     path = run_dir / MANIFEST
     manifest = read_manifest(run_dir) if path.is_file() else {"schema": 1, "command": sys.argv}
     manifest.update(fields)
@@ -370,6 +370,4 @@ def write_manifest(run_dir: Path, **fields: Any) -> dict[str, Any]:
 
 
 def json_sha256(obj: Any) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
