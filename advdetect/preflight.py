@@ -43,6 +43,8 @@ class AuditOptions:
     data: str | tuple[torch.Tensor, torch.Tensor] = "default"
     n: int | None = 256
     image_size: int | None = None
+    #: folder data: center crop side (see :class:`DataOptions`)
+    crop: int | None = None
     seed: int = 0
     device: str = "auto"
     batch_size: int = 128
@@ -75,8 +77,9 @@ def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | No
                   model: str | nn.Module = "default", weights: str | None = None, dataset: str = "cifar10",
                   threat_model: str = "Linf", model_dir: str = "./models", mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, data: str | tuple[torch.Tensor, torch.Tensor] = "default",
-                  n: int | None = 256, image_size: int | None = None, seed: int = 0, device: str = "auto",
-                  batch_size: int = 128, fit_fraction: float = 0.2, detectors: Sequence[str] | None = None,
+                  n: int | None = 256, image_size: int | None = None, crop: int | None = None, seed: int = 0,
+                  device: str = "auto", batch_size: int = 128, fit_fraction: float = 0.2,
+                  detectors: Sequence[str] | None = None,
                   n_reference: int = 256, noisy_negatives: bool = False, cache_dir: str | Path | None = None,
                   cache: bool = True) -> AuditOptions:
     """:class:`AuditOptions` from plain values, as the command line, the pytest plugin and the
@@ -94,7 +97,7 @@ def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | No
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return AuditOptions(suite=loaded_suite, model=model, model_options=model_options, data=data, n=n,
-                        image_size=image_size, seed=seed, device=device, batch_size=batch_size,
+                        image_size=image_size, crop=crop, seed=seed, device=device, batch_size=batch_size,
                         fit_fraction=fit_fraction, detectors=None if detectors is None else tuple(detectors),
                         n_reference=n_reference, noisy_negatives=noisy_negatives,
                         cache_dir=None if not cache else Path(cache_dir) if cache_dir else default_cache_dir())
@@ -204,11 +207,13 @@ def prepare(options: AuditOptions) -> Prepared:
     device = check_device(options.device)
     if options.n is not None and options.n < 1:
         raise UsageError(f"--n must be at least 1; got {options.n}")
+    if options.crop is not None and options.crop < 1:
+        raise UsageError(f"--crop must be at least 1; got {options.crop}")
     if isinstance(options.model, str):
         loaded = load_model(options.model, options.model_options)
     else:
         loaded = wrap_model(options.model, options.model_options)
-    data_options = DataOptions(n=options.n, seed=options.seed, image_size=options.image_size,
+    data_options = DataOptions(n=options.n, seed=options.seed, image_size=options.image_size, crop=options.crop,
                                channels=loaded.info["input_channels"], n_reference=options.n_reference)
     if isinstance(options.data, str):
         sample = load_data(options.data, data_options)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from advdetect.embedded import NUM_CLASSES, TEST_PER_CLASS, mnist_splits
+from advdetect.embedded import NUM_CLASSES, TEST_PER_CLASS, mnist_splits, test_split
 from advdetect.errors import UsageError
 from advdetect.datasets import DataOptions, load_data, stratified_indices
 
@@ -15,9 +15,12 @@ def test_stratified_sample_is_balanced_deterministic_and_seeded():
     assert len(set(picked)) == 14
 
 
-def test_default_data_is_the_test_split_disjoint_from_training():
+def test_default_data_is_the_shipped_test_split_disjoint_from_training():
     (x_train, _), (x_test, y_test) = mnist_splits()
-    assert x_test.shape == (NUM_CLASSES * TEST_PER_CLASS, 1, 28, 28) and len(x_train) == 4000
+    shipped_x, shipped_y = test_split()
+    assert shipped_x.shape == (NUM_CLASSES * TEST_PER_CLASS, 1, 28, 28) and len(x_train) == 4000
+    assert np.array_equal(shipped_x.numpy(), x_test.reshape(-1, 1, 28, 28).astype(np.float32) / 255)
+    assert np.array_equal(shipped_y.numpy(), y_test)
     assert np.bincount(y_test).tolist() == [TEST_PER_CLASS] * NUM_CLASSES
     train_rows = {row.tobytes() for row in x_train.reshape(len(x_train), -1)}
     assert not any(row.tobytes() in train_rows for row in x_test.reshape(len(x_test), -1))
