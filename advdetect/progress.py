@@ -10,8 +10,16 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
+_bars: dict[str, bool | None] = {"disable": None}  # None: tqdm's own rule, bars on a terminal only
+
+
 def progress(iterable: Iterable[T], **kwargs: object) -> Iterable[T]:
-    return tqdm(iterable, disable=None, **kwargs)  # type: ignore[call-overload, no-any-return]
+    return tqdm(iterable, disable=_bars["disable"], **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def quiet_progress() -> None:
+    """No progress bars from now on, terminal or not (``-q``)."""
+    _bars["disable"] = True
 
 
 class Progress(Protocol):

@@ -1,28 +1,46 @@
 """pytest plugin (entry point ``pytest11``): robustness gates beside a project's own tests.
 
-``pytest --advdetect-suite FILE [--advdetect-n N] [--advdetect-model SPEC] [--advdetect-data SPEC]``
-collects one test item per check of the suite's thresholds (as ``advdetect check`` prints
-them); the audit runs once, when the first of them runs, reusing cached attack work. Without
+``pytest --advdetect-suite FILE [--advdetect-OPTION VALUE ...]`` collects one test item per
+check of the suite's thresholds (as ``advdetect check`` prints them); the audit runs once, when
+the first of them runs, reusing cached attack work. Every option of ``advdetect audit`` has its
+``--advdetect-`` twin (``--advdetect-n``, ``--advdetect-model``, ``--advdetect-no-cache``, ...),
+and the project's ``[tool.advdetect]`` defaults apply as they do to the command line. Without
 ``--advdetect-suite`` the plugin does nothing, and it imports nothing heavy until asked.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
+
+from advdetect.options import AUDIT_OPTIONS, InvalidValue
+
+
+def _pytest_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InvalidValue as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("advdetect", "adversarial-robustness gates (advdetect)")
-    group.addoption("--advdetect-suite", metavar="FILE", help="audit suite whose thresholds become test items")
-    group.addoption("--advdetect-n", type=int, metavar="N", help="inputs to audit (default: advdetect's)")
-    group.addoption("--advdetect-model", metavar="SPEC", help="model spec (default: the embedded model)")
-    group.addoption("--advdetect-weights", metavar="FILE", help="state_dict for the model spec")
-    group.addoption("--advdetect-data", metavar="SPEC", help="data spec (default: the embedded data)")
-    group.addoption("--advdetect-detectors", metavar="NAMES", help="comma-separated detectors (default: all)")
-    group.addoption("--advdetect-out", metavar="DIR", help="run folder (default: reports/<timestamp>)")
+    for option in AUDIT_OPTIONS:
+        flag = "--advdetect-" + option.option_string[2:]
+        if option.positional:
+            group.addoption(flag, metavar="SUITE", help="audit suite whose thresholds become test items: a suite TOML "
+                                                        "file, or the name of a built-in suite")
+        elif option.flag:
+            group.addoption(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
+        else:
+            group.addoption(flag, type=_pytest_type(option.parse), metavar=option.metavar or option.name.upper(),
+                            help=option.help)
 
 
 class CheckFailed(Exception):
@@ -80,19 +98,18 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     from advdetect.checks import plan_checks
     from advdetect.errors import UsageError
+    from advdetect.options import resolve
     from advdetect.preflight import build_options
 
-    given = {name: config.getoption(f"advdetect_{name}") for name in ("n", "model", "weights", "data", "detectors")}
-    given = {name: value for name, value in given.items() if value is not None}
-    if "detectors" in given:
-        given["detectors"] = [d.strip() for d in given["detectors"].split(",") if d.strip()]
     try:
-        options = build_options(suite, **given)
+        values, _ = resolve({option.name: config.getoption(f"advdetect_{option.name}") for option in AUDIT_OPTIONS})
+        out = values.pop("out")
+        options = build_options(**values)
         checks = plan_checks(options.suite)
     except UsageError as exc:
         raise pytest.UsageError(f"advdetect: {exc}") from None
     if not checks:
         raise pytest.UsageError(f"advdetect: suite {suite!r} has no [thresholds] to check")
-    audit = _Audit(options, config.getoption("advdetect_out"))
+    audit = _Audit(options, out)
     path = Path(suite).resolve() if Path(suite).is_file() else session.path
     items.extend(CheckItem.from_parent(session, name=check.nodeid, path=path, check=check, audit=audit) for check in checks)

@@ -1,6 +1,8 @@
 """Audits as tests: check's verdicts and JUnit output, run history, trends and regressions."""
 
+import json
 import re
+from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
@@ -84,6 +86,9 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
     assert main(["history", str(runs)]) == 0
     history = capsys.readouterr().out.splitlines()
     assert history[0].split()[:3] == ["run", "started", "status"] and [l.split()[0] for l in history[1:]] == ["a", "b"]
+    assert main(["history", str(runs), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [Path(r["run_dir"]).name for r in listed] == ["a", "b"] and {r["status"] for r in listed} == {"complete"}
 
     html = (runs / "b" / "report.html").read_text()
     assert '<h2 id="trend">Trend</h2>' in html and "1 earlier run(s)" in html and "0 regression(s)" in html
@@ -96,6 +101,11 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
     row = next(r for r in results["results"] if r["attack"] == "pgd" and r["strength"] == 0.3 and r["detector"] == "msp")
     row.update(auroc=0.999, auroc_ci_low=0.99, auroc_ci_high=1.0)
     write_json(runs / "a" / "results.json", results)
+    assert main(["compare", str(runs / "a"), str(runs / "b"), "--json"]) == 1
+    differences = json.loads(capsys.readouterr().out)
+    flagged = [d for d in differences["differences"] if d["regression"]]
+    assert differences["regressions"] == 1 and len(flagged) == 1
+    assert flagged[0]["detector"] == "msp" and flagged[0]["before"] == 0.999 and flagged[0]["cell"] == "pgd[eps=0.3]"
     assert main(["compare", str(runs / "a"), str(runs / "b")]) == 1
     out = capsys.readouterr().out
     flagged = [line for line in out.splitlines() if line.endswith("REGRESSION")]
@@ -108,10 +118,16 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
 
 def test_pytest_plugin_gives_the_same_verdicts_as_check(suite_file, tmp_path, pytester, capsys):
     suite = suite_file(min_auroc=0.9, max_asr=0.9)
-    assert check(suite, tmp_path, "cli") == 1
-    verdicts = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if "::" in line}
-    result = pytester.runpytest_subprocess("--advdetect-suite", suite, "--advdetect-n", "60", "--advdetect-detectors",
-                                         "confounding_gradient,msp", "-v", "-p", "no:cacheprovider")
+    assert check(suite, tmp_path, "cli", "--json") == 1
+    report = json.loads(capsys.readouterr().out)  # stdout is the JSON document alone
+    verdicts = {c["nodeid"]: c["status"] for c in report["checks"]}
+    assert report["failed"] == list(verdicts.values()).count("FAILED") >= 1 and report["run_dir"].endswith("cli")
+    assert all(c["value"] is None or 0 <= c["value"] <= 1 for c in report["checks"])
+    # the plugin takes every audit option: here n and the detectors from the project's [tool.advdetect],
+    # the cache folder and the seed as flags
+    pytester.makepyprojecttoml('[tool.advdetect]\nn = 60\ndetectors = ["confounding_gradient", "msp"]\nseed = 5\n')
+    result = pytester.runpytest_subprocess("--advdetect-suite", suite, "--advdetect-cache-dir", str(tmp_path / "cache"),
+                                         "--advdetect-seed", "0", "-v", "-p", "no:cacheprovider")
     outcomes = {}
     for line in result.outlines:  # verbose lines: "<nodeid> PASSED [ 16%]"
         found = re.search(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED)\b", line)
