@@ -18,12 +18,14 @@ of both fitting and testing are the clean inputs and these copies.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,7 +55,8 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
     set_stage(run_dir, "detect", RUNNING)
     started = time.perf_counter()
     signatures = Signatures(model, info.batch_size)
-    detectors = prepare_detectors(info, model, inputs, signatures)
+    seconds: dict[str, float] = {}
+    detectors = prepare_detectors(info, model, inputs, signatures, seconds)
     source = unseen_source(records)
     work = [(name, protocol, cell) for name, detector in detectors.items() for protocol in protocols_of(detector.detector)
             for cell in inputs.cells if not (protocol == "unseen" and cell.record is source)]
@@ -62,11 +65,13 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
     for done, (name, protocol, cell) in enumerate(progress(work, desc="detect", unit="row")):
         on_progress("detect", f"{name}, {protocol}, {cell.record.key}", done, len(work))
         fit_cell = inputs.cell(source) if protocol == "unseen" else cell
-        row, row_scores = evaluate(detectors[name], protocol, cell, fit_cell, inputs, signatures, info)
+        with timed(seconds, name):
+            row, row_scores = evaluate(detectors[name], protocol, cell, fit_cell, inputs, signatures, info)
         rows.append(row)
         scores[cell.record.key].update(row_scores)
     write_detection(run_dir, info, records, rows, scores)
-    update_run(run_dir, ("detect", time.perf_counter() - started))
+    update_run(run_dir, ("detect", time.perf_counter() - started),
+               detector_timings={name: round(value, 3) for name, value in seconds.items()})
     set_stage(run_dir, "detect", COMPLETE)
     return rows
 
@@ -119,17 +124,29 @@ def run_variants(info: RunInfo) -> list[DetectorVariant]:
     return [DetectorVariant.from_dict(name, table) for name, table in tables.items()]
 
 
-def prepare_detectors(info: RunInfo, model: nn.Module, inputs: StageInputs,
-                      signatures: Signatures) -> dict[str, PreparedDetector]:
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[name]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def prepare_detectors(info: RunInfo, model: nn.Module, inputs: StageInputs, signatures: Signatures,
+                      seconds: dict[str, float] | None = None) -> dict[str, PreparedDetector]:
     """Every detector of the run, prepared on the reference inputs with its clean signatures
-    computed; one that cannot run on this model keeps the reason."""
+    computed; one that cannot run on this model keeps the reason. Adds each one's time to ``seconds``."""
     variants = run_variants(info)
     prepared = {}
+    seconds = {} if seconds is None else seconds
     for name in progress(info.detectors, desc="prepare detectors", unit="detector", leave=False):
         entry = PreparedDetector(name, build_detector(name, variants))
         try:
-            entry.detector.prepare(model, inputs.reference, inputs.reference_labels, batch_size=info.batch_size)
-            signatures.get(entry.detector, "clean", inputs.clean)
+            with timed(seconds, name):
+                entry.detector.prepare(model, inputs.reference, inputs.reference_labels, batch_size=info.batch_size)
+                signatures.get(entry.detector, "clean", inputs.clean)
         except Unavailable as exc:
             entry.unavailable = f"{name} cannot run on this model: {exc}"
             log.warning(entry.unavailable)

@@ -169,6 +169,9 @@ class RunInfo(Record):
     noisy_negatives: bool = False
     attack_cache_hits: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: seconds of the detect stage spent on each detector: preparing, signatures, fitting and
+    #: scoring; a signature shared by several detectors is charged to the first that needs it
+    detector_timings: dict[str, float] = field(default_factory=dict)
     #: (key, slug) of every cell, in suite order: the attack cells, or an OOD run's sets
     cells: list[list[str]] = field(default_factory=list)
     #: each stage's state, "running" or "complete": a report needs a complete detect stage

@@ -82,6 +82,7 @@ def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dic
         "versions": info.versions,
         "started_at": info.started_at,
         "timings": info.timings,
+        "detector_timings": info.detector_timings,
         "attacks": [cell.record.to_dict() for cell in cells],
         "results": [row.to_dict() for cell in cells for row in cell.rows],
         "robust_accuracy": robust_accuracy or [],
@@ -342,6 +343,8 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
         ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())
          + ("" if info.attack_cache_hits is None else
             f" ({info.attack_cache_hits} of {len(info.cells)} attack cells from the cache)")),
+        ("detector timings", ", ".join(f"{k} {v:.1f} s" for k, v in sorted(
+            info.detector_timings.items(), key=lambda item: -item[1])) or "not recorded"),
         ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
         ("started", info.started_at),
     ]

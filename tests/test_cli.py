@@ -31,6 +31,10 @@ def test_audit_writes_results_with_a_row_per_cell_and_detector(audited: Path):
     assert results["schema"] == 1 and 0.9 < results["clean_accuracy"] <= 1
     assert results["model"]["spec"] == "default" and results["data"]["n"] == 120
     assert set(results["timings"]) == {"load", "attack", "detect", "report"}
+    detector_seconds = results["detector_timings"]
+    assert set(detector_seconds) == set(DETECTORS) and all(s > 0 for s in detector_seconds.values())
+    assert sum(detector_seconds.values()) <= results["timings"]["detect"]  # parts of the stage's wall time
+    assert "detector timings" in (audited / "report.html").read_text()
     cells = [(r["attack"], r["strength"]) for r in results["attacks"]]
     assert cells == [("fgsm", 0.1), ("fgsm", 0.3), ("pgd", 0.3)]
     rows = results["results"]
