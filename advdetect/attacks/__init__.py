@@ -3,7 +3,9 @@
 Every `torchattacks` attack that needs nothing but a model to build is registered
 under its lower-case class name. To add an attack that torchattacks lacks, add one
 file to this package that calls :func:`register_attack` with a factory taking the
-model as first argument; the package imports every module in it.
+model as first argument; the package imports every module in it. A module may also
+replace a torchattacks attack by another implementation (``replaces=True``), as
+:mod:`advdetect.attacks.deepfool` does.
 """
 
 from __future__ import annotations
@@ -82,10 +84,14 @@ NOT_PROBED = frozenset({"autoattack"})
 ATTACKS: dict[str, AttackEntry] = {}
 
 
-def register_attack(name: str, factory: Callable[..., Any]) -> None:
+def register_attack(name: str, factory: Callable[..., Any], *, replaces: bool = False) -> None:
+    """Register ``factory`` under ``name``; with ``replaces``, in place of the attack already registered
+    under that name (a faster implementation of a torchattacks attack), which must then exist."""
     key = name.lower()
-    if key in ATTACKS:
+    if key in ATTACKS and not replaces:
         raise ValueError(f"attack {name!r} is registered twice")
+    if replaces and key not in ATTACKS:
+        raise ValueError(f"attack {name!r} replaces no registered attack")
     ATTACKS[key] = AttackEntry(name=key, factory=factory)
 
 
