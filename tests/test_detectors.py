@@ -44,3 +44,31 @@ def test_msp_scores_low_confidence_as_suspect(tiny_model, tiny_inputs):
     expected = torch.softmax(tiny_model(tiny_inputs).double(), 1).max(1).values.detach().numpy()
     np.testing.assert_allclose(signatures[:, 0], expected, rtol=1e-6)
     np.testing.assert_allclose(detector.fit(signatures, signatures).score_samples(signatures), -expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_clean, n_adv, log", [(60, 60, False), (60, 60, True), (50, 35, False)])
+def test_fit_logistic_is_the_grid_search_it_replaces(n_clean, n_adv, log):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    from advdetect.detectors.base import DEFAULT_CS, fit_logistic
+
+    rng = np.random.default_rng(n_clean + n_adv + log)
+    clean = rng.lognormal(size=(n_clean, 6))
+    adversarial = rng.lognormal(mean=0.3, size=(n_adv, 6))
+    prefix = [FunctionTransformer(np.log)] if log else []
+    pipeline, C, score = fit_logistic(clean, adversarial, prefix=prefix)
+
+    features = np.concatenate([clean, adversarial])
+    labels = np.r_[np.zeros(n_clean), np.ones(n_adv)]
+    groups = np.r_[np.arange(n_clean), np.arange(n_adv) + (0 if n_clean == n_adv else n_clean)]
+    search = GridSearchCV(make_pipeline(*prefix, StandardScaler(), LogisticRegression(max_iter=5000)),
+                          {"logisticregression__C": list(DEFAULT_CS)}, cv=GroupKFold(5), scoring="roc_auc")
+    search.fit(features, labels, groups=groups)
+    assert C == search.best_params_["logisticregression__C"]
+    assert score == pytest.approx(search.best_score_, abs=1e-9)
+    probe = rng.lognormal(size=(20, 6))
+    np.testing.assert_allclose(pipeline.decision_function(probe), search.best_estimator_.decision_function(probe),
+                               rtol=1e-6, atol=1e-8)
