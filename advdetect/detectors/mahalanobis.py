@@ -77,11 +77,11 @@ class Mahalanobis(Detector):
             for start in range(0, len(inputs), batch_size):
                 x = inputs[start : start + batch_size].to(device)
                 columns = [[] for _ in self.noises]
-                for layer in range(len(self.means_)):
-                    x_grad = x.clone().requires_grad_(True)
-                    model(x_grad)
-                    confidence = self._confidence(layer, pool(captured[layer]).double())
-                    (grad,) = torch.autograd.grad(confidence.sum(), x_grad)
+                x_grad = x.clone().requires_grad_(True)
+                model(x_grad)  # one forward pass reads every layer; each gets its own backward pass
+                clean = [self._confidence(layer, pool(captured[layer]).double()) for layer in range(len(self.means_))]
+                for layer, confidence in enumerate(clean):
+                    (grad,) = torch.autograd.grad(confidence.sum(), x_grad, retain_graph=layer + 1 < len(clean))
                     with torch.no_grad():
                         for k, noise in enumerate(self.noises):
                             if noise:

@@ -38,15 +38,16 @@ def odin_scores(model: nn.Module, inputs: torch.Tensor, temperatures: Sequence[f
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device)
         columns = []
-        for temperature in temperatures:
-            x_grad = x.clone().requires_grad_(True)
-            logits = model(x_grad) / temperature
-            loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_grad)
+        x_grad = x.clone().requires_grad_(True)
+        logits = model(x_grad)  # one forward pass for every temperature, and the epsilon = 0 column
+        predicted = logits.argmax(dim=1)
+        for i, temperature in enumerate(temperatures):
+            loss = F.cross_entropy(logits / temperature, predicted, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_grad, retain_graph=i + 1 < len(temperatures))
             with torch.no_grad():
                 for epsilon in epsilons:
-                    moved = x - epsilon * grad.sign() if epsilon else x
-                    probs = torch.softmax(model(moved).double() / temperature, dim=1)
+                    moved = model(x - epsilon * grad.sign()) if epsilon else logits.detach()
+                    probs = torch.softmax(moved.double() / temperature, dim=1)
                     columns.append(probs.max(dim=1).values.cpu())
         out.append(torch.stack(columns, dim=1))
     return torch.cat(out).numpy() if out else np.zeros((0, len(temperatures) * len(epsilons)))
