@@ -232,10 +232,28 @@ def load_weights(model: nn.Module, weights: str) -> None:
     fit_state_dict(model, read_state_dict(weights), weights)
 
 
+BATCH_COUNT = "num_batches_tracked"
+
+
+def _unread_batch_counts(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own BatchNorm batch counts that ``state`` lacks although it holds the rest of
+    their layer: no eval-mode forward reads them, and many checkpoints (older PyTorch, conversions
+    from other frameworks) leave them out. A layer missing altogether stays missing."""
+    counts = {}
+    for key, value in expected.items():
+        prefix = key[: -len(BATCH_COUNT)]
+        if key.endswith(BATCH_COUNT) and (not prefix or prefix.endswith(".")) and key not in state and any(
+                k.startswith(prefix) and "." not in k[len(prefix):] for k in state):
+            counts[key] = value
+    return counts
+
+
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], weights: str) -> None:
     """Load ``state`` (read from ``weights``) into ``model``; a one-line UsageError naming the
-    missing, unexpected and mis-shaped (checkpoint vs model) keys unless it fits exactly."""
+    missing, unexpected and mis-shaped (checkpoint vs model) keys unless it fits exactly, but for
+    BatchNorm batch counts it lacks, which keep the model's own values."""
     expected = model.state_dict()
+    state = {**state, **_unread_batch_counts(expected, state)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()

@@ -5,6 +5,7 @@ detector resolved against it. A :class:`UsageError` from here means nothing was 
 from __future__ import annotations
 
 import math
+import numbers
 import platform
 import re
 from dataclasses import dataclass, field
@@ -96,11 +97,21 @@ def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | No
                                      std=None if std is None else tuple(std))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    n, image_size, crop, seed, batch_size, fit_fraction, n_reference = (
+        plain_number(v) for v in (n, image_size, crop, seed, batch_size, fit_fraction, n_reference))
     return AuditOptions(suite=loaded_suite, model=model, model_options=model_options, data=data, n=n,
                         image_size=image_size, crop=crop, seed=seed, device=device, batch_size=batch_size,
                         fit_fraction=fit_fraction, detectors=None if detectors is None else tuple(detectors),
                         n_reference=n_reference, noisy_negatives=noisy_negatives,
                         cache_dir=None if not cache else Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def plain_number(value: object) -> object:
+    """A NumPy (or other) whole number as an ``int``, a real one as a ``float``, so that the run's
+    JSON can hold it; anything else as it is, for :func:`check_number_types` to refuse."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def package_versions() -> dict[str, str]:
@@ -165,6 +176,26 @@ def check_compatible(model: nn.Module, sample: DataSample, device: torch.device,
     return logits
 
 
+#: The audit's numeric options, as their flags name them, and whether they take whole numbers
+#: (:func:`advdetect.options.positive_int`, :func:`~advdetect.options.seed`) or any number
+#: (:func:`~advdetect.options.fraction`); the Python API gives them unparsed.
+NUMBERS = {"n": ("--n", True), "n_reference": ("--n-reference", True), "batch_size": ("--batch-size", True),
+           "seed": ("--seed", True), "image_size": ("--image-size", True), "crop": ("--crop", True),
+           "fit_fraction": ("--fit-fraction", False)}
+
+
+def check_number_types(options: AuditOptions) -> None:
+    """The numeric options are numbers of the kind their flags take (None where an option may be
+    left out): a string, a bool or a fraction of an input count would fail mid-audit, or worse be
+    read as another value."""
+    for name, (flag, whole) in NUMBERS.items():
+        value = getattr(options, name)
+        if value is None and name in ("n", "image_size", "crop"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+            raise UsageError(f"{flag} must be {'a whole number' if whole else 'a number'}; got {value!r}")
+
+
 def check_seed(seed: int) -> None:
     if not 0 <= seed < 2**32:
         raise UsageError(f"--seed must be a whole number from 0 to {2**32 - 1}; got {seed}")
@@ -195,6 +226,7 @@ class Prepared:
 def prepare(options: AuditOptions) -> Prepared:
     """Load and check everything an audit needs, the suite's attacks and detectors tried on the
     model included; raises :class:`UsageError` before any work."""
+    check_number_types(options)
     if options.n_reference < MIN_REFERENCE:
         raise UsageError(f"--n-reference must be at least {MIN_REFERENCE}; got {options.n_reference}")
     if not 0.0 < options.fit_fraction < 1.0:
@@ -209,6 +241,8 @@ def prepare(options: AuditOptions) -> Prepared:
         raise UsageError(f"--n must be at least 1; got {options.n}")
     if options.crop is not None and options.crop < 1:
         raise UsageError(f"--crop must be at least 1; got {options.crop}")
+    if options.image_size is not None and options.image_size < 1:
+        raise UsageError(f"--image-size must be at least 1; got {options.image_size}")
     if isinstance(options.model, str):
         loaded = load_model(options.model, options.model_options)
     else:
@@ -234,9 +268,13 @@ def prepare(options: AuditOptions) -> Prepared:
         except ValueError as exc:
             raise UsageError(f"detector {name}: {exc}") from None
     correct = logits.argmax(dim=1) == sample.y
-    if correct.any():
-        probe_attacks(loaded.module, options.suite.cells(), sample.x[correct][:1], sample.y[correct][:1],
-                      num_classes=loaded.info["num_classes"], seed=options.seed)
+    if not correct.any():
+        raise UsageError(f"the model classifies none of the {len(sample.y)} audited inputs correctly, and attacks and "
+                         f"detectors start from correctly classified inputs, so there is nothing to audit; check that "
+                         f"the labels follow the model's class order and the inputs its preprocessing (--mean/--std, "
+                         f"--image-size), or raise --n")
+    probe_attacks(loaded.module, options.suite.cells(), sample.x[correct][:1], sample.y[correct][:1],
+                  num_classes=loaded.info["num_classes"], seed=options.seed)
     return Prepared(loaded, sample, device, logits)
 
 

@@ -23,6 +23,10 @@ from advdetect.storage import atomic_write
 PAGE = landscape(A4)
 MARGIN = 1.3 * cm
 WIDTH = PAGE[0] - 2 * MARGIN
+#: What a page's frame holds: SimpleDocTemplate's frame keeps 6 pt of padding on every side.
+FRAME_WIDTH, FRAME_HEIGHT = WIDTH - 12, PAGE[1] - 2 * MARGIN - 12
+#: A table cell's top (and bottom) padding and its left plus right padding: ReportLab's defaults.
+CELL_PADDING, PANEL_PADDING = 3, 12
 STYLES = getSampleStyleSheet()
 BODY = ParagraphStyle("body", parent=STYLES["BodyText"], fontSize=8.5, leading=11)
 NOTE = ParagraphStyle("note", parent=BODY, fontSize=7.5, leading=9.5, textColor=colors.HexColor("#444444"))
@@ -45,10 +49,27 @@ def _heading(text: str, anchor: str, style: ParagraphStyle = H2) -> Paragraph:
     return Paragraph(f'<a name="{anchor}"/>{escape(text)}', style)
 
 
-def _image(png_base64: str, width: float) -> Image:
+def _image(png_base64: str, width: float, height: float = FRAME_HEIGHT) -> Image:
+    """A PNG scaled, aspect ratio kept, to the largest size that fits ``width`` x ``height`` and the
+    page's frame: a figure taller than a page (a thumbnail strip of one input) would stop the
+    layout."""
     data = base64.b64decode(png_base64)
     w, h = ImageReader(io.BytesIO(data)).getSize()
-    return Image(io.BytesIO(data), width=width, height=width * h / w)
+    scale = min(min(width, FRAME_WIDTH) / w, min(height, FRAME_HEIGHT) / h)
+    return Image(io.BytesIO(data), width=w * scale, height=h * scale)
+
+
+def _height(flowables: list[Flowable], width: float) -> float:
+    """How much of a frame ``width`` wide the flowables take, their space before and after included."""
+    return sum(f.wrap(width, FRAME_HEIGHT)[1] + f.getSpaceBefore() + f.getSpaceAfter() for f in flowables)
+
+
+def _panel(png_base64: str, width: float, captions: list[Paragraph], column: float, room: float) -> list[Flowable]:
+    """A figure over its captions, for one cell of a section's grid ``column`` wide: the figure is
+    scaled to leave room for its captions within ``room`` (but kept at least a quarter of the page
+    high)."""
+    text = _height(captions, column - PANEL_PADDING)
+    return [_image(png_base64, width, max(room - 2 * CELL_PADDING - text, FRAME_HEIGHT / 4)), *captions]
 
 
 def _table(rows: list[list[Any]], widths: list[float] | None = None, header_rows: int = 1,
@@ -151,17 +172,22 @@ def _section(section: dict[str, Any]) -> list[Flowable]:
     for line in section["unplotted"]:
         flow.append(_p(line, NOTE))
     column = (WIDTH - 0.6 * cm) / 3
+    room = FRAME_HEIGHT - _height(flow[1:], FRAME_WIDTH)  # below the heading, so the first row fits its page
     panels = []
     if section["thumbnails"]:
-        panels.append([_image(section["thumbnails"], column - 0.6 * cm),
-                       _p(f"What {section['thumbnails_key']} did: clean input (label), adversarial input (the "
-                          f"model's class, red when fooled), perturbation amplified to the full range.", CELL)])
-    panels += [[_image(f["png"], column - 0.3 * cm), *[_p(line, CELL) for line in f["captions"]]]
+        panels.append(_panel(section["thumbnails"], column - 0.6 * cm,
+                             [_p(f"What {section['thumbnails_key']} did: clean input (label), adversarial input (the "
+                                 f"model's class, red when fooled), perturbation amplified to the full range.", CELL)],
+                             column, room))
+    panels += [_panel(f["png"], column - 0.3 * cm, [_p(line, CELL) for line in f["captions"]], column, room)
                for f in section["figures"]]
-    panels.append([_image(section["comparison"], column - 0.3 * cm),
-                   _p("Every detector's AUROC against strength, with the attack's success rate.", CELL)])
+    panels.append(_panel(section["comparison"], column - 0.3 * cm,
+                         [_p("Every detector's AUROC against strength, with the attack's success rate.", CELL)],
+                         column, room))
     grid = [panels[i : i + 3] + [[]] * (3 - len(panels[i : i + 3])) for i in range(0, len(panels), 3)]
-    table = Table(grid, colWidths=[column] * 3, hAlign="LEFT")
+    # a row taller than a page (captions of very many detectors) splits over pages rather than stop the layout
+    too_tall = max(_height(panel, column - PANEL_PADDING) for panel in panels) + 2 * CELL_PADDING > FRAME_HEIGHT
+    table = Table(grid, colWidths=[column] * 3, hAlign="LEFT", splitInRow=1 if too_tall else 0)
     table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP")]))
     flow.append(table)
     return flow
