@@ -15,6 +15,7 @@ from torch import nn
 
 from advdetect.attacks import get_attack
 from advdetect.cache import AttackCache, tensor_sha256
+from advdetect.distributed import current_world
 from advdetect.errors import UsageError
 from advdetect.inference import batched_logits
 from advdetect.progress import Progress, no_progress, progress
@@ -74,12 +75,19 @@ def attack_cell(model: nn.Module, cell: AttackCell, x: torch.Tensor, y: torch.Te
         attack = entry.build(model, **params)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"attack {cell.key}: {exc}") from None
-    outputs = []
-    with SeededRNG(seed, device):
-        for start in progress(range(0, len(x), batch_size), desc=cell.key, unit="batch", leave=False):
-            adv = attack(x[start : start + batch_size].to(device), y[start : start + batch_size].to(device))
-            outputs.append(adv.detach().cpu().float())
-    adversarial = torch.cat(outputs) if outputs else torch.zeros_like(x)
+    world = current_world()
+    bar = progress(total=len(world.chunks(len(x), batch_size)), desc=cell.key, unit="batch", leave=False)
+
+    def attack_chunk(index: int, rows: slice) -> torch.Tensor:
+        # seeded by the chunk, not by the process: the same rows get the same randomness on any number of ranks
+        with SeededRNG(derive_seed(seed, "chunk", index), device):
+            adversarial = attack(x[rows].to(device), y[rows].to(device)).detach().cpu().float()
+        bar.update()
+        return adversarial
+
+    adversarial = world.map_chunks(len(x), batch_size, attack_chunk)
+    bar.close()
+    adversarial = torch.zeros_like(x) if adversarial is None else adversarial
     if adversarial.shape != x.shape or not torch.isfinite(adversarial).all():
         raise UsageError(f"attack {cell.key} returned inputs of another shape or non-finite values; the model's "
                          f"gradients may be NaN on some inputs")
@@ -96,6 +104,7 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
     cache = AttackCache(Path(info.cache_dir)) if info.cache_dir else None
     inputs_sha256, computes = tensor_sha256(x, y), logits_sha256(sample["logits"][correct])
     device = next(model.parameters()).device
+    world = current_world()
     started, records, hits = time.perf_counter(), [], 0
     for done, cell in enumerate(progress(cells, desc="attack", unit="cell")):
         on_progress("attack", cell.key, done, len(cells))
@@ -103,16 +112,19 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
         seed = derive_seed(info.seed, "attack", cell.key)
         params = resolved_params(cell, num_classes=info.model["num_classes"], seed=seed)
         key = (cache.key(model=info.model["sha256"], logits=computes, inputs=inputs_sha256, attack=cell.attack_name,
-                         params=params, seed=seed, batch_size=info.batch_size, device=device.type) if cache else "")
-        adversarial = cache.load(key, x) if cache else None
+                         implementation="{0.__module__}.{0.__qualname__}".format(get_attack(cell.attack_name).factory),
+                         params=params, seed=seed, seeding="per-chunk", batch_size=info.batch_size,
+                         device=device.type) if cache else "")
+        # rank 0's cache decides for every rank, so that all of them attack, or none
+        adversarial = world.from_main(cache.load(key, x) if cache and world.is_main else None)
         if adversarial is None:
             adversarial, params = attack_cell(model, cell, x, y, num_classes=info.model["num_classes"],
                                               seed=seed, batch_size=info.batch_size)
-            if cache:
+            if cache and world.is_main:
                 cache.store(key, adversarial)
         else:
             hits += 1
-        pred = adversarial_predictions(model, cell, adversarial, info.batch_size)
+        pred = adversarial_predictions(model, cell, adversarial, info.batch_size, info.model["num_classes"])
         fooled = (pred != y).numpy()
         record = cell_record(cell, params, seed, x, adversarial, fooled, round(time.perf_counter() - cell_started, 3),
                              n_total=len(sample["y"]))
@@ -126,10 +138,11 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
     return records
 
 
-def adversarial_predictions(model: nn.Module, cell: AttackCell, adversarial: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's classes for a cell's adversarial inputs; refused when its logits are not finite,
-    since whether the attack fooled it cannot then be told."""
-    logits = batched_logits(model, adversarial, batch_size)
+def adversarial_predictions(model: nn.Module, cell: AttackCell, adversarial: torch.Tensor, batch_size: int,
+                            num_classes: int) -> torch.Tensor:
+    """The model's classes for a cell's adversarial inputs (none for none); refused when its logits
+    are not finite, since whether the attack fooled it cannot then be told."""
+    logits = batched_logits(model, adversarial, batch_size, num_classes=num_classes)
     if not torch.isfinite(logits).all():
         raise UsageError(f"the model returns NaN or infinite logits on adversarial inputs of {cell.key}; "
                          f"whether the attack fooled it cannot be told")

@@ -184,11 +184,27 @@ def _ood_suite():  # type: ignore[no-untyped-def]
     return Suite("ood", "advdetect ood", "", ())
 
 
+def _join_world(options) -> bool:  # type: ignore[no-untyped-def]
+    """Join torchrun's process group when torchrun started this process; True on rank 0 (or alone),
+    where the results are said. The other ranks work silently."""
+    from advdetect.distributed import join
+
+    world = join(options.device)
+    if not world.is_main:
+        log.setLevel(logging.WARNING)
+        quiet_progress()
+    return world.is_main
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from advdetect.pipeline import run_audit
 
     started = time.perf_counter()
-    run_dir, document = run_audit(audit_options(args), args.out)
+    options = audit_options(args)
+    main_rank = _join_world(options)
+    run_dir, document = run_audit(options, args.out)
+    if not main_rank:
+        return ExitCode.OK
     print_summary(document)
     print(f"\nwrote {run_dir}/report.html, report.pdf and results.json in {time.perf_counter() - started:.1f} s")
     return ExitCode.OK
@@ -208,7 +224,10 @@ def cmd_ood(args: argparse.Namespace) -> int:
         if spec not in BUILTIN_SETS and ":" not in spec:
             raise UsageError(f"unknown out-of-distribution set {spec!r}; give one of {', '.join(BUILTIN_SETS)} "
                              f"or a data spec such as npz:FILE or folder:DIR")
+    main_rank = _join_world(options)
     run_dir, document = run_audit(options, args.out, ood_specs=specs)
+    if not main_rank:
+        return ExitCode.OK
     print_summary(document)
     print(f"\nwrote {run_dir}/report.html, report.pdf and results.json in {time.perf_counter() - started:.1f} s")
     return ExitCode.OK
@@ -231,7 +250,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UsageError(f"the thresholds check detector(s) {', '.join(missing)}, which --detectors does not run")
     if args.junitxml:
         check_writable_file(args.junitxml, "--junitxml")
+    main_rank = _join_world(options)
     run_dir, document = run_audit(options, args.out)
+    if not main_rank:
+        return ExitCode.OK
     outcomes = [evaluate(check, document) for check in checks]
     seconds = time.perf_counter() - started
     failed = sum(o.status == FAILED for o in outcomes)
@@ -413,6 +435,9 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its :class:`~advdetect.errors.ExitCode`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # torchrun ... -m advdetect -- audit --n 500: see README, "Several processes"
+        argv = argv[1:]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already said in one line
@@ -437,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         return _internal_error(args, exc)
     finally:
         _on_sigterm(previous)
+        if "advdetect.distributed" in sys.modules:  # imported by an audit: leave torchrun's process group
+            sys.modules["advdetect.distributed"].leave()
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from advdetect.detectors import Detector, DetectorVariant, build_detector
+from advdetect.distributed import current_world
 from advdetect.errors import Unavailable
 from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.progress import Progress, no_progress, progress
@@ -243,9 +244,15 @@ class Signatures:
     store: dict[tuple, np.ndarray] = field(default_factory=dict)
 
     def get(self, detector: Detector, what: str, inputs: torch.Tensor) -> np.ndarray:
+        """The signatures of ``inputs`` (named ``what``), computed on first use in chunks of
+        ``batch_size`` rows, shared among the ranks of a distributed audit."""
         key = (detector.signature_key(), what)
         if key not in self.store:
-            self.store[key] = detector.signatures(self.model, inputs, batch_size=self.batch_size)
+            signatures = current_world().map_chunks(
+                len(inputs), self.batch_size,
+                lambda index, rows: detector.signatures(self.model, inputs[rows], batch_size=self.batch_size))
+            self.store[key] = (detector.signatures(self.model, inputs, batch_size=self.batch_size)
+                               if signatures is None else signatures)
         return self.store[key]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 from advdetect.attack_stage import attack_stage
 from advdetect.cache import tensor_sha256
 from advdetect.detect_stage import detect_stage
+from advdetect.distributed import current_world
 from advdetect.errors import UsageError
 from advdetect.history import now
 from advdetect.ood import ood_inputs, ood_stage, set_cells, set_name
@@ -75,6 +77,15 @@ def run_audit(options: AuditOptions, out: Path | None = None, ood_specs: list[st
     nothing behind. After that, a failure marks the run ``failed`` (``interrupted`` on Ctrl-C)
     in its manifest, and an unexpected error saves its traceback to the folder's ``error.log``
     (the exception carries that path as ``error_log``)."""
+    world = current_world()
+    if not world.is_main:  # rank 0 writes the run folder asked for; the others a scratch one
+        with tempfile.TemporaryDirectory(prefix=f"advdetect-rank{world.rank}-") as scratch:
+            return _run_audit(options, Path(scratch) / "run", ood_specs, on_progress)
+    return _run_audit(options, out, ood_specs, on_progress)
+
+
+def _run_audit(options: AuditOptions, out: Path | None, ood_specs: list[str] | None,
+               on_progress: Progress) -> tuple[Path, dict[str, Any]]:
     check_outputs(options, out)
     started = time.perf_counter()
     prepared = prepare(options)
@@ -115,6 +126,8 @@ def _stages(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: lis
         records = attack_stage(run_dir, prepared.loaded.module, options.suite.cells(), progress)
     set_stage(run_dir, "attack", COMPLETE)
     detect_stage(run_dir, prepared.loaded.module, records, progress)
+    if not current_world().is_main:
+        return {"timings": read_run(run_dir).timings}  # rank 0 writes the report
     progress("report")
     return write_report(run_dir)
 
@@ -144,7 +157,8 @@ def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: l
                    suite_sha256=json_sha256(options.suite.to_dict()), model_spec=loaded.info["spec"],
                    model_sha256=loaded.info["sha256"], data_spec=sample.info["spec"],
                    data_sha256=tensor_sha256(sample.x, sample.y), n=len(sample.y), seed=options.seed,
-                   device=str(prepared.device), versions=info.versions, clean_accuracy=info.clean_accuracy)
+                   device=str(prepared.device), versions=info.versions, clean_accuracy=info.clean_accuracy,
+                   processes=current_world().size)
     return info
 
 

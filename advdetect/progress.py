@@ -3,7 +3,7 @@ callback through which stages tell their caller where they are."""
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, TypeVar
+from typing import Any, Iterable, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -13,8 +13,9 @@ T = TypeVar("T")
 _bars: dict[str, bool | None] = {"disable": None}  # None: tqdm's own rule, bars on a terminal only
 
 
-def progress(iterable: Iterable[T], **kwargs: object) -> Iterable[T]:
-    return tqdm(iterable, disable=_bars["disable"], **kwargs)  # type: ignore[call-overload, no-any-return]
+def progress(iterable: Iterable[T] | None = None, **kwargs: object) -> Any:
+    """A bar over ``iterable``, or one to ``update()`` by hand (give ``total``)."""
+    return tqdm(iterable, disable=_bars["disable"], **kwargs)  # type: ignore[call-overload]
 
 
 def quiet_progress() -> None:

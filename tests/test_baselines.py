@@ -156,3 +156,17 @@ def test_supervised_baselines_refuse_to_fit_without_adversarial_examples(separab
         detector.prepare(model, reference, labels)
         with pytest.raises(ValueError, match="supervised"):
             detector.fit(detector.signatures(model, clean))
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_an_inputs_signature_does_not_depend_on_its_batch(name, separable):
+    """What lets a distributed audit shard inputs over ranks: an input's signature is the same
+    whichever other inputs are computed with it."""
+    model, reference, labels, clean, adversarial = separable
+    detector = get_detector(name)()
+    detector.prepare(model, reference, labels)
+    inputs = torch.cat([clean, adversarial])
+    whole = detector.signatures(model, inputs, batch_size=64)
+    parts = np.concatenate([detector.signatures(model, inputs[rows], batch_size=7)
+                            for rows in (slice(0, 13), slice(13, 50), slice(50, 80))])
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-7)

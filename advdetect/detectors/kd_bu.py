@@ -5,7 +5,7 @@ Kernel density (KD): the log Gaussian kernel density of the penultimate features
 clean reference inputs of the predicted class. Bayesian uncertainty (BU): the variance of
 Monte Carlo dropout predictions, ``mean_t |p_t|^2 - |mean_t p_t|^2``. The paper's networks
 have dropout layers; to work on any model, dropout (p = 0.5, seeded) is applied here to the
-penultimate features feeding the final linear layer. A logistic regression on the
+penultimate features feeding the final linear layer, with the same 50 masks for every input. A logistic regression on the
 standardized (KD, BU) pair detects, as in the paper; the kernel bandwidth, which the paper
 fixes per dataset, is chosen on the calibration split from multiples of the median distance
 between reference features. Needs adversarial examples to fit.
@@ -75,11 +75,13 @@ class KernelDensityBayesianUncertainty(Detector):
     def _uncertainty(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
         last = final_linear(model)
         weight, bias = last.weight.detach().double().cpu(), None if last.bias is None else last.bias.detach().double().cpu()
+        # The same seeded masks for every input, so that an input's uncertainty does not depend on
+        # which other inputs share its batch (or, in a distributed audit, its rank).
         generator = torch.Generator().manual_seed(self.seed)
+        keep = torch.rand((self.dropout_samples, features.shape[1]), generator=generator, dtype=torch.float64)
         first, second = 0.0, 0.0
-        for _ in range(self.dropout_samples):
-            keep = torch.rand(features.shape, generator=generator, dtype=torch.float64) >= self.dropout
-            probs = torch.softmax(F.linear(features * keep / (1 - self.dropout), weight, bias), dim=1)
+        for mask in keep >= self.dropout:
+            probs = torch.softmax(F.linear(features * mask / (1 - self.dropout), weight, bias), dim=1)
             first = first + probs.pow(2).sum(dim=1)
             second = second + probs
         mean = second / self.dropout_samples
