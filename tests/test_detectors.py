@@ -72,3 +72,16 @@ def test_fit_logistic_is_the_grid_search_it_replaces(n_clean, n_adv, log):
     probe = rng.lognormal(size=(20, 6))
     np.testing.assert_allclose(pipeline.decision_function(probe), search.best_estimator_.decision_function(probe),
                                rtol=1e-6, atol=1e-8)
+
+
+def test_rank_auroc_is_roc_auc_score_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from advdetect.detectors.base import rank_auroc
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 30)
+        labels[:2] = [0, 1]
+        scores = rng.integers(0, 6, 30).astype(float)  # many ties
+        assert rank_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
