@@ -14,7 +14,7 @@ from typing import Any, Callable, NoReturn, TypeVar
 
 from advdetect.errors import ExitCode, Terminated, UsageError
 from advdetect.progress import quiet_progress
-from advdetect.options import AUDIT_OPTIONS, InvalidValue, positive_int, project_defaults, resolve
+from advdetect.options import AUDIT_OPTIONS, InvalidValue, positive_int, positive_ints, project_defaults, resolve
 
 log = logging.getLogger("advdetect")
 T = TypeVar("T")
@@ -139,9 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, help="training epochs (default: the shipped recipe's)")
     train.set_defaults(func=cmd_train_default)
 
-    bench = command("bench", help="time the gradient features against the per-sample loop and vmap",
+    bench = command("bench", help="time the gradient features, or (--audit) a whole audit at several sizes",
                     description="Time, in one run, the per-sample loop, torch.func vmap, the batched "
-                                "features and one batched forward+backward pass, as ratios.")
+                                "features and one batched forward+backward pass, as ratios. With --audit: run "
+                                "the audit (SUITE and the audit options) at each of --sizes inputs, without the "
+                                "attack cache, and print each stage's, attack's and detector's seconds and how "
+                                "they grow with n.")
+    bench.add_argument("--audit", action="store_true", help="time a whole audit at each of --sizes instead")
+    bench.add_argument("--sizes", type=_argparse_type(positive_ints), default=[64, 128, 256],
+                       help="with --audit: comma-separated numbers of audited inputs (default: 64,128,256)")
+    add_audit_arguments(bench)
     bench.add_argument("--models", default="default,resnet18", help="comma-separated: default, resnet18 (default: %(default)s)")
     bench.add_argument("--batch", type=_positive_int, default=64, help="inputs per measurement (default: %(default)s)")
     bench.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per method, median kept (default: %(default)s)")
@@ -395,6 +402,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    if args.audit:
+        from advdetect.scaling import format_report, measure
+
+        report = measure(audit_options(args), args.sizes)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return ExitCode.OK
     from advdetect.benchmark import METHODS, bench_models, main as bench_main
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -50,6 +50,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise InvalidValue(f"expected comma-separated whole numbers, got {text!r}")
+    return sorted(set(values))
+
+
 def seed(text: str) -> int:
     value = _whole(text)
     if not 0 <= value < 2**32:

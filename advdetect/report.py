@@ -278,13 +278,14 @@ def summary_table(document: dict[str, Any], protocol: str = "seen") -> tuple[lis
     column per detector under ``protocol``, the best of each row marked ``*``. The report and the
     terminal show the same table."""
     detectors, aurocs = _aurocs(document, protocol)
-    header = ["attack", "strength", "success", "robust acc", "mean L2", "mean Linf", *detectors]
+    header = ["attack", "strength", "success", "robust acc", "mean L2", "mean Linf", "attack s", *detectors]
     table = []
     for a in _cells_of(document):
         values = [aurocs.get((a["attack"], a["strength"], d)) for d in detectors]
         best = _best(values)
         table.append([a["attack"], cell_label(a), _pct(a["attack_success_rate"]), _pct(a.get("robust_accuracy")),
                       *["-" if a[k] is None else f"{a[k]:.3f}" for k in ("mean_l2", "mean_linf")],
+                      f"{a['seconds']:.1f}",
                       *["-" if v is None else f"{v:.3f}{'*' if i in best else ''}" for i, v in enumerate(values)]])
     return header, table
 

@@ -141,3 +141,18 @@ def test_bench_reports_measured_ratios_as_json(capsys):
     assert result["speedup_over_loop"]["batched"] == pytest.approx(seconds["loop"] / seconds["batched"])
     assert result["max_relative_error_float32"]["batched"] < 1e-3
     assert main(["bench", "--methods", "magic"]) == 2
+
+
+def test_bench_audit_times_stages_attacks_and_detectors_at_each_size(tmp_path, capsys):
+    (tmp_path / "tiny.toml").write_text(TINY_SUITE)
+    assert main(["bench", "--audit", str(tmp_path / "tiny.toml"), "--sizes", "60,30", "--n-reference", "40",
+                 "--detectors", "msp,confounding_gradient", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sizes"] == [30, 60] and [run["n"] for run in report["runs"]] == [30, 60]
+    for run in report["runs"]:
+        assert set(run["stages"]) == {"load", "attack", "detect", "report"} and set(run["attacks"]) == {"fgsm", "pgd"}
+        assert set(run["detectors"]) == {"msp", "confounding_gradient"} and all(s > 0 for s in run["detectors"].values())
+    small, large = report["runs"]
+    b = report["growth"]["stages"]["attack"]
+    assert b == pytest.approx(np.log(large["stages"]["attack"] / small["stages"]["attack"]) / np.log(2), abs=0.01)
+    assert main(["bench", "--audit", "--sizes", "0"]) == 2
