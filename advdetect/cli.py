@@ -402,6 +402,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    given = [option.option_string for option in AUDIT_OPTIONS if getattr(args, option.name, None) is not None]
+    if not args.audit and given:
+        one = len(given) == 1
+        raise UsageError(f"{', '.join(given)} {'is an option' if one else 'are options'} of 'bench --audit'; add "
+                         f"--audit, or drop {'it' if one else 'them'}")
+    if args.audit and args.out is not None:
+        raise UsageError("bench --audit writes no run folder (it audits in a temporary one); drop --out")
     if args.audit:
         from advdetect.scaling import format_report, measure
 

@@ -156,3 +156,6 @@ def test_bench_audit_times_stages_attacks_and_detectors_at_each_size(tmp_path, c
     b = report["growth"]["stages"]["attack"]
     assert b == pytest.approx(np.log(large["stages"]["attack"] / small["stages"]["attack"]) / np.log(2), abs=0.01)
     assert main(["bench", "--audit", "--sizes", "0"]) == 2
+    assert main(["bench", "--n", "5"]) == 2  # an audit option without --audit
+    assert main(["bench", "--audit", "--out", str(tmp_path / "x")]) == 2
+    assert "is an option of 'bench --audit'" in capsys.readouterr().err

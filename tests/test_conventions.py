@@ -174,3 +174,11 @@ def test_default_audit_runs_without_mlxtend_or_pandas(tmp_path):
     assert done.stdout.startswith("blocked")
     assert float(done.stdout.split()[1]) > 0.9
     assert (Path(tmp_path) / "run" / "results.json").is_file()
+
+
+def test_train_default_without_mlxtend_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend now raises ImportError
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    assert main(["train-default", "--out", str(tmp_path / "w.safetensors")]) == ExitCode.USAGE_ERROR
+    assert 'pip install "advdetect[train]"' in capsys.readouterr().err
+    assert not (tmp_path / "w.safetensors").exists()
