@@ -82,6 +82,47 @@ def recording(modules: list[nn.Module], *, inputs_of: nn.Module | None = None) -
             h.remove()
 
 
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the layer it waits for has run."""
+
+
+def forward_until(model: nn.Module, x: torch.Tensor, module: nn.Module, *, before: bool = False, calls: int = 1) -> None:
+    """Run ``model`` on ``x`` only as far as the ``calls``-th run of ``module`` (its output, or
+    with ``before`` its input): hooks recording that layer see what a whole forward pass would
+    give them (the last of its runs, when ``calls`` is how often a whole pass runs it), for less."""
+    seen = [0]
+
+    def reached(*args: object) -> None:
+        seen[0] += 1
+        if seen[0] == calls:
+            raise _Reached
+
+    handle = module.register_forward_pre_hook(reached) if before else module.register_forward_hook(reached)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def counting_calls(modules: list[nn.Module], *, inputs_of: nn.Module) -> Iterator[list[int]]:
+    """Within the block, how often each of ``modules`` ran, then how often ``inputs_of`` did."""
+    counts = [0] * (len(modules) + 1)
+
+    def counter(i: int):  # type: ignore[no-untyped-def]
+        return lambda *args: counts.__setitem__(i, counts[i] + 1)
+
+    handles = [m.register_forward_hook(counter(i)) for i, m in enumerate(modules)]
+    handles.append(inputs_of.register_forward_pre_hook(counter(len(modules))))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def penultimate(model: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, penultimate features) on the CPU, float64; no gradients."""
     last = final_linear(model)

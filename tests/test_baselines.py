@@ -170,3 +170,28 @@ def test_an_inputs_signature_does_not_depend_on_its_batch(name, separable):
     parts = np.concatenate([detector.signatures(model, inputs[rows], batch_size=7)
                             for rows in (slice(0, 13), slice(13, 50), slice(50, 80))])
     np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-7)
+
+
+class _ReusedReLU(nn.Module):
+    """One ReLU module run twice in a forward pass: a whole pass leaves its second output recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.relu, self.second, self.out = nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu(self.second(self.relu(self.first(x)))))
+
+
+@pytest.mark.parametrize("make_model", [identity_model, _ReusedReLU])
+def test_mahalanobis_noisy_passes_stop_early_yet_read_what_whole_passes_read(make_model, separable, monkeypatch):
+    import advdetect.detectors.mahalanobis as mahalanobis
+
+    torch.manual_seed(0)
+    model = make_model().eval()
+    _, reference, labels, clean, adversarial = separable
+    inputs = torch.cat([clean, adversarial])
+    detector = get_detector("mahalanobis")().prepare(model, reference, labels)
+    early = detector.signatures(model, inputs)
+    monkeypatch.setattr(mahalanobis, "forward_until", lambda model, x, module, **kwargs: model(x))
+    np.testing.assert_array_equal(early, detector.signatures(model, inputs))

@@ -26,7 +26,8 @@ from sklearn.covariance import LedoitWolf
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.activations import feature_layers, final_linear, layer_activations, pool, recording
+from advdetect.activations import (counting_calls, feature_layers, final_linear, forward_until, layer_activations,
+                                   pool, recording)
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic
 from advdetect.inference import model_device
@@ -78,14 +79,17 @@ class Mahalanobis(Detector):
                 x = inputs[start : start + batch_size].to(device)
                 columns = [[] for _ in self.noises]
                 x_grad = x.clone().requires_grad_(True)
-                model(x_grad)  # one forward pass reads every layer; each gets its own backward pass
+                with counting_calls(layers, inputs_of=last) as calls:
+                    model(x_grad)  # one forward pass reads every layer; each gets its own backward pass
                 clean = [self._confidence(layer, pool(captured[layer]).double()) for layer in range(len(self.means_))]
                 for layer, confidence in enumerate(clean):
                     (grad,) = torch.autograd.grad(confidence.sum(), x_grad, retain_graph=layer + 1 < len(clean))
+                    read = (layers + [last])[layer]  # the noisy copies need the model only up to this layer
                     with torch.no_grad():
                         for k, noise in enumerate(self.noises):
                             if noise:
-                                model(x + noise * grad.sign())
+                                forward_until(model, x + noise * grad.sign(), read, before=read is last,
+                                              calls=calls[layer])
                                 confidence = self._confidence(layer, pool(captured[layer]).double())
                             columns[k].append(confidence.detach().cpu())
                 out.append(torch.stack([c for noise_columns in columns for c in noise_columns], dim=1))
