@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +26,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, with a usage error said in one line instead of the whole usage."""
 
     def error(self, message: str) -> NoReturn:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone says it
+            self.exit(ExitCode.USAGE_ERROR)
         self.exit(ExitCode.USAGE_ERROR, f"advdetect: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -180,7 +184,7 @@ def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     given = {option.name: getattr(args, option.name, None) for option in AUDIT_OPTIONS}
     values, pyproject = resolve(given, skip=() if hasattr(args, "suite") else ("suite", "attacks"))
     if pyproject is not None and any(given.get(k) is None for k in project_defaults(pyproject)[0]):
-        log.info("defaults from [tool.advdetect] in %s", pyproject)
+        log.debug("defaults from [tool.advdetect] in %s", pyproject)
     args.out = values.pop("out")
     return build_options(values.pop("suite", None) or _ood_suite(), **values)
 
@@ -321,14 +325,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         documents.append(read_results(run / "results.json"))
     differences = compare(*documents)
     regressions = sum(d.regression for d in differences)
+    missing = sum(d.after is None for d in differences)
     if args.json:
-        _print_json({"run_a": str(args.run_a), "run_b": str(args.run_b), "compared": len(differences),
-                     "regressions": regressions, "differences": [asdict(d) for d in differences]})
+        _print_json({"run_a": str(args.run_a), "run_b": str(args.run_b), "compared": len(differences) - missing,
+                     "regressions": regressions - missing, "missing": missing,
+                     "differences": [asdict(d) for d in differences]})
         return ExitCode.CHECK_FAILED if regressions else ExitCode.OK
-    table = [[d.cell, d.detector or "-", d.protocol or "-", d.metric, f"{d.before:.3f}", f"{d.after:.3f}", f"{d.delta:+.3f}",
-              "REGRESSION" if d.regression else ""] for d in differences]
+    table = [[d.cell, d.detector or "-", d.protocol or "-", d.metric, f"{d.before:.3f}",
+              "-" if d.after is None else f"{d.after:.3f}", "-" if d.after is None else f"{d.delta:+.3f}",
+              "MISSING" if d.after is None else "REGRESSION" if d.regression else ""] for d in differences]
     _print_table(["cell", "detector", "protocol", "metric", "A", "B", "B - A", ""], table)
-    print(f"\n{len(differences)} metrics compared, {regressions} regression(s) of {args.run_b} against {args.run_a}")
+    print(f"\n{len(differences) - missing} metrics compared, {regressions - missing} regression(s) of {args.run_b} against "
+          f"{args.run_a}" + (f"; {missing} metric(s) of {args.run_a} missing from {args.run_b}" if missing else ""))
     return ExitCode.CHECK_FAILED if regressions else ExitCode.OK
 
 
@@ -379,7 +387,11 @@ def cmd_train_default(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise UsageError(f"{args.out} exists; remove it or give another --out")
     if args.out.parent and not args.out.parent.is_dir():
-        raise UsageError(f"--out {args.out}: folder {args.out.parent} not found")
+        raise UsageError(f"--out {args.out}: {args.out.parent} is not a folder")
+    try:  # before the training, not after it
+        tempfile.TemporaryFile(dir=args.out.parent).close()
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot write in {args.out.parent} ({exc.strerror or exc})") from None
     (x_train, y_train), (x_test, y_test) = embedded.mnist_splits()
     epochs = args.epochs or embedded.TRAINING["epochs"]
     started = time.perf_counter()
@@ -409,6 +421,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          f"--audit, or drop {'it' if one else 'them'}")
     if args.audit and args.out is not None:
         raise UsageError("bench --audit writes no run folder (it audits in a temporary one); drop --out")
+    if args.audit and args.n is not None:
+        raise UsageError("bench --audit audits each of --sizes inputs; give the sizes there and drop --n")
     if args.audit:
         from advdetect.scaling import format_report, measure
 
@@ -506,6 +520,8 @@ def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
     from advdetect.rundir import RUN_JSON
 
     path = getattr(exc, "error_log", None)
+    if path is not None and not Path(path).is_file():  # a distributed rank's scratch folder, already removed
+        path = None
     run_dir = getattr(args, "run_dir", None)
     if path is None and run_dir is not None and (run_dir / RUN_JSON).is_file():
         try:
@@ -515,6 +531,12 @@ def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
     path = path or fallback_error_log(exc)
     text = str(exc).strip().splitlines()
     where = f"the traceback is in {path}" if path else "no traceback could be saved"
+    distributed = sys.modules.get("advdetect.distributed")
+    world = distributed.current_world() if distributed else None
+    if world is not None and not world.is_main and "closed by peer" in str(exc):
+        print(f"advdetect: rank {world.rank} of {world.size} stopped: another rank ended first, and its own message "
+              f"says why ({where})", file=sys.stderr)
+        return ExitCode.INTERNAL_ERROR
     print(f"advdetect: internal error: {type(exc).__name__}{': ' + text[0] if text else ''} ({where}; please "
           f"report it)", file=sys.stderr)
     if path is None:

@@ -101,7 +101,20 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> list[Difference]:
         high = row.get("auroc_ci_high")
         differences.append(Difference(_cell(row), row["detector"], "auroc", old["auroc"], row["auroc"],
                                       high is not None and high < old["auroc"], row["protocol"]))
-    return differences
+    return differences + _lost(before, after)
+
+
+def _lost(before: dict[str, Any], after: dict[str, Any]) -> list[Difference]:
+    """Metrics the earlier run measured that the later one does not have: flagged, since a
+    comparison cannot vouch for what it cannot see."""
+    measured = {_cell(a) for a in after["attacks"] if a["attack_success_rate"] is not None}
+    rows = {(_cell(r), r["detector"], r["protocol"]) for r in after["results"] if r["auroc"] is not None}
+    lost = [Difference(_cell(a), None, "attack_success_rate", a["attack_success_rate"], None, True)
+            for a in before["attacks"] if a["attack_success_rate"] is not None and _cell(a) not in measured]
+    lost += [Difference(_cell(r), r["detector"], "auroc", r["auroc"], None, True, r["protocol"])
+             for r in before["results"] if r["auroc"] is not None
+             and (_cell(r), r["detector"], r["protocol"]) not in rows]
+    return lost
 
 
 def trend(run_dir: Path, current: dict[str, Any], limit: int = 10) -> dict[str, Any] | None:

@@ -206,12 +206,18 @@ def project_defaults(pyproject: Path | None = None) -> tuple[dict[str, Any], Pat
         document = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"{pyproject} is not readable TOML ({exc}); fix it, or run advdetect from another folder") from None
-    table = document.get("tool", {}).get("advdetect", {})
+    tool = document.get("tool", {})
+    table = tool.get("advdetect", {}) if isinstance(tool, dict) else None
     if not isinstance(table, dict):
         raise UsageError(f"{pyproject}: [tool.advdetect] must be a table of audit options")
-    defaults = {}
+    defaults: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
+        if name in spelled:
+            raise UsageError(f"{pyproject}: [tool.advdetect] gives {spelled[name]!r} and {key!r}, the same option; "
+                             f"keep one")
+        spelled[name] = key
         option = OPTIONS_BY_NAME.get(name)
         if option is None:
             close = difflib.get_close_matches(name, OPTIONS_BY_NAME, n=1)
@@ -235,12 +241,18 @@ def _from_folder(option: Option, value: Any, folder: Path) -> Any:
     if option.path:
         return value if Path(value).is_absolute() else type(value)(folder / value)
     head, target, tail = "", value, ""
+    if option.name == "suite" and not value.endswith(".toml") and "/" not in value:
+        return value  # a built-in suite's name
+    if option.name == "model" and ":" not in value and not value.endswith((".pt", ".pth")):
+        return value  # default
     if option.name == "model" and ":" in value:
         target, _, attribute = value.rpartition(":")
         if not target.endswith(".py"):
             return value  # robustbench:NAME, torchvision:NAME, package.module:Callable
         tail = f":{attribute}"
-    elif option.name == "data" and ":" in value:
+    elif option.name == "data":
+        if ":" not in value:
+            return value  # default
         kind, _, target = value.partition(":")
         head = f"{kind}:"
     if target and not Path(target).is_absolute() and (folder / target).exists():

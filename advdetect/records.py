@@ -294,3 +294,6 @@ class ResultRow(Record):
                           "fpr_at_95tpr", "tnr_at_95tpr", "detection_accuracy"))
         if self.auroc is None and not self.reason:
             raise ValueError("a row without AUROC gives no reason")
+        if None not in (self.auroc, self.auroc_ci_low, self.auroc_ci_high) and not \
+                self.auroc_ci_low - 1e-9 <= self.auroc <= self.auroc_ci_high + 1e-9:  # type: ignore[operator]
+            raise ValueError(f"the AUROC {self.auroc} lies outside its interval [{self.auroc_ci_low}, {self.auroc_ci_high}]")

@@ -85,18 +85,23 @@ def check_writable_file(path: Path, flag: str) -> None:
 def claim(path: Path) -> Path:
     """Create the run folder ``path`` (or take it when it exists and is empty) for this process
     alone; raise a UsageError when another run holds it."""
-    path.mkdir(parents=True, exist_ok=True)
     try:
+        path.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         raise UsageError(f"{path} already holds a run; give a new --out") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create the run folder {path} ({exc.strerror or exc}); give another --out") from None
     return path
 
 
 def claim_new(root: Path, stamp: str) -> Path:
     """A new run folder ``root/stamp``, or ``root/stamp-2``, ``-3``, ... when another process took
     that name first: folders are created exclusively, so two audits never share one."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output root {root} ({exc.strerror or exc}); give --out") from None
     for counter in range(1, 10_000):
         candidate = root / (stamp if counter == 1 else f"{stamp}-{counter}")
         try:

@@ -111,6 +111,7 @@ def test_project_defaults_from_pyproject_and_a_flag_overrides_one(project):
     ("cache = \"no\"", "cache: expected true or false, got 'no'"),
     ("seed = [1, 2]", "seed: expected one value, got a list"),
     ("mean = [0.5, nan]", "mean: expected finite numbers"),
+    ("n-reference = 50\nn_reference = 60", "gives 'n-reference' and 'n_reference', the same option"),
 ])
 def test_bad_project_defaults_are_one_line_exit_2_before_any_work(table, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "pyproject.toml").write_text(f"[tool.advdetect]\n{table}\n")
@@ -119,6 +120,22 @@ def test_bad_project_defaults_are_one_line_exit_2_before_any_work(table, message
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and str(tmp_path / "pyproject.toml") in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_built_in_names_in_project_defaults_are_never_read_as_paths(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text('[tool.advdetect]\nmodel = "default"\nsuite = "nightly"\ndata = "default"\n')
+    for name in ("default", "nightly"):
+        (tmp_path / name).mkdir()  # folders that happen to share the names
+    monkeypatch.chdir(tmp_path)
+    options, _ = _options(["audit"])
+    assert options.model == "default" and options.data == "default" and options.suite.source == "builtin:nightly"
+
+
+def test_a_tool_entry_that_is_not_a_table_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "pyproject.toml").write_text('tool = "x"\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit"]) == ExitCode.USAGE_ERROR
+    assert "[tool.advdetect] must be a table" in capsys.readouterr().err
 
 
 def test_commands_that_audit_nothing_ignore_project_defaults(tmp_path, monkeypatch, capsys):

@@ -111,6 +111,20 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
     flagged = [line for line in out.splitlines() if line.endswith("REGRESSION")]
     assert len(flagged) == 1 and flagged[0].startswith("pgd[eps=0.3]") and " msp " in flagged[0]
     assert "1 regression(s)" in out
+    # a later run that lost its detection rows does not pass as "no regression"
+    lost = read_json(runs / "b" / "results.json")
+    lost["results"] = []
+    (runs / "lost").mkdir()
+    write_json(runs / "lost" / "results.json", lost)
+    assert main(["compare", str(runs / "b"), str(runs / "lost")]) == 1
+    assert "metric(s) of " in capsys.readouterr().out
+    # nor does an AUROC outside its own interval
+    broken = read_json(runs / "b" / "results.json")
+    row = next(r for r in broken["results"] if r["auroc"] is not None and r["auroc"] < 0.98)
+    row["auroc_ci_low"] = row["auroc"] + 0.01
+    write_json(runs / "lost" / "results.json", broken)
+    assert main(["compare", str(runs / "b"), str(runs / "lost")]) == 2
+    assert "outside its interval" in capsys.readouterr().err
     assert main(["report", str(runs / "b")]) == 0  # b's report, re-rendered, sees the planted earlier value
     html = (runs / "b" / "report.html").read_text()
     assert "1 regression(s)" in html and html.count("<td>REGRESSION</td>") == 1
