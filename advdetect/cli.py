@@ -12,14 +12,13 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from advdetect.errors import ExitCode, Terminated, UsageError
 from advdetect.progress import quiet_progress
-from advdetect.options import AUDIT_OPTIONS, InvalidValue, positive_int, positive_ints, project_defaults, resolve
+from advdetect.options import AUDIT_OPTIONS, argparse_type, positive_int, positive_ints, project_defaults, resolve
 
 log = logging.getLogger("advdetect")
-T = TypeVar("T")
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,19 +30,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE_ERROR, f"advdetect: error: {message} (see '{self.prog} --help')\n")
 
 
-def _argparse_type(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """An option's parser as an argparse type: its rule, said in the one-line usage error."""
-    def convert(text: str) -> T:
-        try:
-            return parse(text)
-        except InvalidValue as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
-
-
-_positive_int = _argparse_type(positive_int)
+_positive_int = argparse_type(positive_int)
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) -> None:
@@ -59,7 +46,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) 
             parser.add_argument(option.option_string, action=argparse.BooleanOptionalAction, default=None,
                                 help=option.help)
         else:
-            parser.add_argument(option.option_string, type=_argparse_type(option.parse), default=None,
+            parser.add_argument(option.option_string, type=argparse_type(option.parse), default=None,
                                 metavar=option.metavar, help=option.help)
 
 
@@ -150,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "attack cache, and print each stage's, attack's and detector's seconds and how "
                                 "they grow with n.")
     bench.add_argument("--audit", action="store_true", help="time a whole audit at each of --sizes instead")
-    bench.add_argument("--sizes", type=_argparse_type(positive_ints), default=[64, 128, 256],
+    bench.add_argument("--sizes", type=argparse_type(positive_ints), default=[64, 128, 256],
                        help="with --audit: comma-separated numbers of audited inputs (default: 64,128,256)")
     add_audit_arguments(bench)
     bench.add_argument("--models", default="default,resnet18", help="comma-separated: default, resnet18 (default: %(default)s)")

@@ -8,6 +8,7 @@ the text a flag would carry and parsed like one. Torch-free.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import sys
@@ -27,6 +28,18 @@ PYPROJECT = "pyproject.toml"
 
 class InvalidValue(ValueError):
     """A value that breaks an option's rule; its message says the rule."""
+
+
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option's parser as an argparse type (the CLI's and pytest's): its rule, said in the usage error."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InvalidValue as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
 def _whole(text: str) -> int:

@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from advdetect.options import AUDIT_OPTIONS, InvalidValue
-
-
-def _pytest_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except InvalidValue as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return convert
+from advdetect.options import AUDIT_OPTIONS, argparse_type
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,7 +29,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         elif option.flag:
             group.addoption(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
         else:
-            group.addoption(flag, type=_pytest_type(option.parse), metavar=option.metavar or option.name.upper(),
+            group.addoption(flag, type=argparse_type(option.parse), metavar=option.metavar or option.name.upper(),
                             help=option.help)
 
 
