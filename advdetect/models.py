@@ -115,9 +115,13 @@ def input_channels(model: nn.Module) -> int | None:
 # --- loaders -------------------------------------------------------------------------------
 
 def _default(arg: str, options: ModelOptions) -> nn.Module:
-    from advdetect.embedded import default_model
+    from advdetect.embedded import TRAINING, SmallCNN, default_model
 
-    return default_model(options.weights)
+    if options.weights is None:
+        return default_model()
+    model = SmallCNN(TRAINING["width"])  # weights of its architecture, as train-default writes them
+    load_weights(model, options.weights)
+    return model.eval()
 
 
 def _is_html(path: Path) -> bool:
