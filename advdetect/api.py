@@ -77,15 +77,16 @@ class AuditResult:
 def audit(model: nn.Module | str = "default", data: tuple[torch.Tensor, torch.Tensor] | str = "default", *,
           suite: str | Suite = "default", out: str | Path | None = None, attacks: Sequence[str] | None = None,
           detectors: Sequence[str] | None = None, n: int | None = 256, n_reference: int = 256, seed: int = 0,
-          device: str = "auto", batch_size: int = 128, fit_fraction: float = 0.2, noisy_negatives: bool = False,
-          cache_dir: str | Path | None = None, cache: bool = True, **model_options: Any) -> AuditResult:
+          device: str = "auto", batch_size: int = 128, fit_fraction: float = 0.2, fit_folds: int = 0,
+          noisy_negatives: bool = False, cache_dir: str | Path | None = None, cache: bool = True, **model_options: Any) -> AuditResult:
     """Audit ``model`` (an ``nn.Module`` taking inputs in [0, 1], or a model spec) on ``data`` (images
     [N, C, H, W] in [0, 1] and labels, or a data spec) with ``suite`` into the run folder ``out``
     (default ``reports/<timestamp>``). The keywords are the command line's audit options;
     ``model_options`` takes ``weights``, ``mean``/``std`` and the RobustBench ones. Bad input raises
     :class:`advdetect.UsageError` before any work."""
     options = build_options(suite, attacks=attacks, model=model, data=data, n=n, n_reference=n_reference, seed=seed,
-                            device=device, batch_size=batch_size, fit_fraction=fit_fraction, detectors=detectors,
+                            device=device, batch_size=batch_size, fit_fraction=fit_fraction, fit_folds=fit_folds,
+                            detectors=detectors,
                             noisy_negatives=noisy_negatives, cache_dir=cache_dir, cache=cache, **model_options)
     run_dir, document = run_audit(options, None if out is None else Path(out))
     checks = plan_checks(options.suite)

@@ -10,6 +10,11 @@ test sources the attack fooled, so rows are comparable across detectors and prot
 - ``oneclass``: detectors that can fit without adversarial examples fit on the clean reference
   inputs alone (no adversarial example at hand).
 
+With ``fit_folds`` K >= 2 the split is K folds instead (cross-fitting): each fold's pairs are
+tested by supervised detectors fitted on the other folds' pairs, so every fooled pair is tested
+and (K-1)/K of them fit, more fitting pairs without a smaller test set; the AUROC is that of the
+pooled out-of-fold scores. The ``unseen`` fits take the other folds of the source cell.
+
 Detectors that use no adversarial examples fit on the reference inputs under ``seen`` too. With
 ``noisy_negatives`` (the control of Feinman et al. 2017 and Ma et al. 2018), each clean input
 gets a Gaussian-noise copy as far from it in L2 as its adversarial example, and the negatives
@@ -19,6 +24,7 @@ of both fitting and testing are the clean inputs and these copies.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -94,8 +100,8 @@ class StageInputs:
         reference = reference_arrays(run_dir, image_shape)
         correct = np.flatnonzero(sample["pred"] == sample["y"])
         clean = torch.from_numpy(sample["x"][correct])
-        calibration = calibration_split(info, len(correct))
-        cells = [Cell(r, cell_arrays(run_dir, r, len(correct), image_shape), calibration, info.seed,
+        rounds = fit_rounds(info, len(correct))
+        cells = [Cell(r, cell_arrays(run_dir, r, len(correct), image_shape), rounds, info.seed,
                       info.noisy_negatives, clean) for r in records]
         return cls(clean, torch.from_numpy(reference["x"]), torch.from_numpy(reference["y"]), cells)
 
@@ -111,12 +117,21 @@ class PreparedDetector:
     detector: Detector
     unavailable: str | None = None
     fitted_on: str | None = None
+    kept: dict[str, Detector] = field(default_factory=dict)
 
-    def fit(self, on: str, clean: np.ndarray, adversarial: np.ndarray | None = None) -> None:
-        """Fit unless already fitted on ``on`` (the reference set, or one cell's calibration pairs)."""
+    def fitted(self, on: str, clean: np.ndarray, adversarial: np.ndarray | None = None, *,
+               keep: bool = False) -> Detector:
+        """The detector fitted on ``on`` (the reference set, or one cell's calibration pairs of one
+        round): fitted now unless it was fitted on ``on`` last or kept from then (``keep``: a fit
+        that later cells need again, as the unseen protocol's fits under cross-fitting)."""
+        if on in self.kept:
+            return self.kept[on]
         if self.fitted_on != on:
             self.detector.fit(clean, adversarial)
             self.fitted_on = on
+        if keep:
+            self.kept[on] = copy.deepcopy(self.detector)
+        return self.detector
 
 
 def run_variants(info: RunInfo) -> list[DetectorVariant]:
@@ -160,23 +175,34 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
     """One detector under one protocol on one cell: its result row and its test scores."""
     detector, record, name = entry.detector, cell.record, entry.name
     supervised = detector.uses_adversarial and protocol != "oneclass"
+    n_fit = fit_cell.n_fit if supervised else 0
     row = ResultRow(attack=record.attack, strength_name=record.strength_name, strength=record.strength, detector=name,
-                    protocol=protocol, n_clean=cell.n_negatives(cell.test), n_adv=len(cell.test),
-                    n_fit=len(fit_cell.fit) if supervised else 0, attack_success_rate=record.attack_success_rate,
+                    protocol=protocol, n_clean=cell.n_negatives(cell.test), n_adv=len(cell.test), n_fit=n_fit,
+                    attack_success_rate=record.attack_success_rate,
                     negatives="clean+noise" if info.noisy_negatives else "clean")
-    row.reason = entry.unavailable or _too_few(record, len(cell.test), fit_cell.record, len(fit_cell.fit), supervised)
+    row.reason = entry.unavailable or _too_few(record, len(cell.test), fit_cell.record, n_fit, supervised)
     if row.reason:
         return row, {}
     if supervised:
-        entry.fit(fit_cell.record.key, fit_cell.negatives(signatures, detector, fit_cell.fit),
-                  fit_cell.adversarial(signatures, detector, fit_cell.fit))
+        # one fit per round (one round without cross-fitting), each scoring its round's test pairs
+        parts, params = [], []
+        for index, ((fit_rows, _), (_, test_rows)) in enumerate(zip(fit_cell.rounds, cell.rounds)):
+            fitted = entry.fitted(f"{fit_cell.record.key}#{index}", fit_cell.negatives(signatures, detector, fit_rows),
+                                  fit_cell.adversarial(signatures, detector, fit_rows),
+                                  keep=protocol == "unseen" and len(cell.rounds) > 1)
+            params.append(fitted.fitted_params())
+            parts.append((fitted.score_samples(cell.negatives(signatures, detector, test_rows)),
+                          fitted.score_samples(cell.adversarial(signatures, detector, test_rows))))
+        clean_scores = np.concatenate([clean for clean, _ in parts])
+        adversarial_scores = np.concatenate([adversarial for _, adversarial in parts])
+        row.detector_params = params[0] if len(params) == 1 else {k: [p[k] for p in params] for k in params[0]}
     else:
-        entry.fit("reference", signatures.get(detector, "reference", inputs.reference))
-    row.detector_params = detector.fitted_params()
+        fitted = entry.fitted("reference", signatures.get(detector, "reference", inputs.reference))
+        row.detector_params = fitted.fitted_params()
+        clean_scores = fitted.score_samples(cell.negatives(signatures, detector, cell.test))
+        adversarial_scores = fitted.score_samples(cell.adversarial(signatures, detector, cell.test))
     if protocol == "unseen":
         row.detector_params["fitted_on"] = fit_cell.record.key
-    clean_scores = detector.score_samples(cell.negatives(signatures, detector, cell.test))
-    adversarial_scores = detector.score_samples(cell.adversarial(signatures, detector, cell.test))
     bad = int((~np.isfinite(clean_scores)).sum() + (~np.isfinite(adversarial_scores)).sum())
     if bad:
         row.reason = f"{name} gave NaN or infinite scores to {bad} test inputs, so no metric is reported"
@@ -208,6 +234,18 @@ def calibration_split(info: RunInfo, n: int) -> np.ndarray:
     order = np.random.default_rng(derive_seed(info.seed, "calibration")).permutation(n)
     calibration[order[: math.ceil(info.fit_fraction * n)]] = True
     return calibration
+
+
+def fit_rounds(info: RunInfo, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, test) masks over the ``n`` correctly classified inputs: one round, the calibration
+    split; or, with ``fit_folds`` K, one round per fold, which it tests and the others fit."""
+    if not info.fit_folds:
+        calibration = calibration_split(info, n)
+        return [(calibration, ~calibration)]
+    order = np.random.default_rng(derive_seed(info.seed, "folds")).permutation(n)
+    fold = np.empty(n, dtype=int)
+    fold[order] = np.arange(n) % info.fit_folds
+    return [(fold != k, fold == k) for k in range(info.fit_folds)]
 
 
 def unseen_source(records: list[AttackRecord]) -> AttackRecord:
@@ -260,11 +298,16 @@ class Cell:
     """One cell's inputs, split into calibration and test pairs; its adversarial inputs' signatures
     are computed on first use, once for every detector that shares them."""
 
-    def __init__(self, record: AttackRecord, arrays: dict[str, np.ndarray], calibration: np.ndarray, seed: int,
-                 noisy: bool, clean_inputs: torch.Tensor) -> None:
+    def __init__(self, record: AttackRecord, arrays: dict[str, np.ndarray], rounds: list[tuple[np.ndarray, np.ndarray]],
+                 seed: int, noisy: bool, clean_inputs: torch.Tensor) -> None:
         self.record, self.seed, self.noisy, self.clean_inputs = record, seed, noisy, clean_inputs
         fooled = arrays["fooled"]
-        self.fit, self.test = np.flatnonzero(fooled & calibration), np.flatnonzero(fooled & ~calibration)
+        #: (fit, test) rows of the fooled pairs, per round (see :func:`fit_rounds`)
+        self.rounds = [(np.flatnonzero(fooled & fit), np.flatnonzero(fooled & test)) for fit, test in rounds]
+        #: every tested pair, in round order
+        self.test = np.concatenate([test for _, test in self.rounds])
+        #: the fewest fitting pairs any round has
+        self.n_fit = min(len(fit) for fit, _ in self.rounds)
         self._pairs = np.flatnonzero(fooled)
         self._x_adv = arrays["x_adv"]
 

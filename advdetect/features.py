@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ GHOST_MAX_ELEMENTS = 1 << 27
 
 
 LABELS = ("ones", "half", "not_predicted")
-LOSSES = ("sigmoid_bce", "softmax_bce")
+LOSSES = ("sigmoid_bce", "softmax_bce", "predicted_ce")
 NORMS = ("l2sq", "l1")
 
 
@@ -55,7 +55,10 @@ def confounding_label(logits: torch.Tensor, label: str = "ones") -> torch.Tensor
 def confounding_loss(logits: torch.Tensor, label: str = "ones", loss: str = "sigmoid_bce") -> torch.Tensor:
     """Per-input loss, shape [N]: binary cross-entropy against :func:`confounding_label`, summed
     over classes, of the sigmoid of each logit (``sigmoid_bce``, the paper's) or of the softmax
-    (``softmax_bce``, an ablation)."""
+    (``softmax_bce``, an ablation); or ``predicted_ce``, the cross-entropy against the predicted
+    class, which ignores ``label`` (the GraN baseline's loss, Lust and Condurache 2020)."""
+    if loss == "predicted_ce":
+        return F.cross_entropy(logits, logits.detach().argmax(dim=1), reduction="none")
     target = confounding_label(logits.detach(), label)
     if loss == "sigmoid_bce":
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)
@@ -400,3 +403,37 @@ def _chunk_features(model: nn.Module, params: list[nn.Parameter], recorder: _Rec
                 norms[id(p)][i] = _sq(g)
     zeros = torch.zeros(n, dtype=torch.float64, device=x.device)
     return torch.stack([norms.get(id(p), zeros).double() for p in params], dim=1).cpu()
+
+
+def prediction_instability(model: nn.Module, inputs: torch.Tensor, levels: Sequence[float], draws: int = 8, *,
+                           seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """How the prediction moves under Gaussian input noise, a sensitivity signature for
+    minimum-norm adversarials, which sit next to the decision boundary (see issue 12's notes and
+    Hu et al. 2019, arXiv 1905.09186, on the instability of adversarial examples).
+
+    For each noise level ``sigma`` (in input units, inputs in [0, 1]): the share of ``draws``
+    noisy copies ``clip(x + sigma * z)`` whose prediction differs from the input's, smoothed to
+    ``(flips + 0.5) / (draws + 1)`` so that it is never 0, and the mean KL divergence
+    ``KL(p(x) || p(x + noise))``, floored at 1e-12. Both are positive so that they sit beside
+    gradient norms under a logarithm. Returns float64, shape [N, 2 * len(levels)], on the CPU.
+
+    The same ``draws`` noise images (from ``seed``) perturb every input, so an input's signature
+    does not depend on its batch or on how the inputs are split among processes."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(levels), draws, *inputs.shape[1:]), generator=generator).to(device)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start : start + batch_size].to(device)
+            log_p = F.log_softmax(model(x).double(), dim=1)
+            predicted = log_p.argmax(dim=1)
+            columns = []
+            for level, level_noise in zip(levels, noise):
+                noisy = (x.unsqueeze(0) + level * level_noise.unsqueeze(1)).clamp(0, 1).flatten(0, 1)
+                log_q = F.log_softmax(model(noisy).double(), dim=1).view(draws, len(x), -1)
+                flips = (log_q.argmax(dim=2) != predicted).sum(dim=0).double()
+                kl = (log_p.exp() * (log_p - log_q)).sum(dim=2).mean(dim=0)
+                columns += [(flips + 0.5) / (draws + 1), kl.clamp_min(1e-12)]
+            rows.append(torch.stack(columns, dim=1).cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 2 * len(levels), dtype=torch.float64)

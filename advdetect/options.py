@@ -84,6 +84,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def fold_count(text: str) -> int:
+    value = _whole(text)
+    if value < 0 or value == 1:
+        raise InvalidValue(f"must be 0 (off) or at least 2, got {text}")
+    return value
+
+
 def floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -188,6 +195,10 @@ AUDIT_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", "batch size for attacks and features (default: 128)", positive_int, default=128),
     Option("fit_fraction", "share of the correctly classified inputs whose (clean, adversarial) pairs calibrate the "
                            "detectors; the rest test them (default: 0.2)", fraction, default=0.2),
+    Option("fit_folds", "cross-fit the supervised detectors over K folds of the correctly classified inputs: each "
+                        "fold is tested by detectors fitted on the other K-1, so every fooled pair is tested and "
+                        "(K-1)/K of them fit; replaces the single --fit-fraction split (default: 0, off)", fold_count,
+           default=0, metavar="K"),
     Option("out", "run folder to create (default: reports/<timestamp>)", path, path=True, metavar="DIR"),
     Option("cache_dir", "where adversarial inputs are cached between runs (default: <user cache>/advdetect/attacks)",
            path, path=True, metavar="DIR"),

@@ -144,7 +144,8 @@ def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: l
     info = RunInfo(
         suite={"name": options.suite.name, "source": options.suite.source, "document": options.suite.to_dict()},
         model=loaded.info, data=sample.info, seed=options.seed, device=str(prepared.device),
-        batch_size=options.batch_size, fit_fraction=options.fit_fraction, detectors=list(options.detector_names()),
+        batch_size=options.batch_size, fit_fraction=options.fit_fraction, fit_folds=options.fit_folds,
+        detectors=list(options.detector_names()),
         noisy_negatives=options.noisy_negatives,
         cache_dir=None if options.cache_dir is None else str(options.cache_dir),
         clean_accuracy=float((pred == sample.y).double().mean()), versions=package_versions(),

@@ -50,6 +50,8 @@ class AuditOptions:
     device: str = "auto"
     batch_size: int = 128
     fit_fraction: float = 0.2
+    #: K >= 2: cross-fit the supervised detectors over K folds instead of one fit_fraction split
+    fit_folds: int = 0
     #: None: every registered detector, then the suite's variants
     detectors: tuple[str, ...] | None = None
     n_reference: int = 256
@@ -79,7 +81,7 @@ def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | No
                   threat_model: str = "Linf", model_dir: str = "./models", mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, data: str | tuple[torch.Tensor, torch.Tensor] = "default",
                   n: int | None = 256, image_size: int | None = None, crop: int | None = None, seed: int = 0,
-                  device: str = "auto", batch_size: int = 128, fit_fraction: float = 0.2,
+                  device: str = "auto", batch_size: int = 128, fit_fraction: float = 0.2, fit_folds: int = 0,
                   detectors: Sequence[str] | None = None,
                   n_reference: int = 256, noisy_negatives: bool = False, cache_dir: str | Path | None = None,
                   cache: bool = True) -> AuditOptions:
@@ -97,11 +99,11 @@ def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | No
                                      std=None if std is None else tuple(std))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    n, image_size, crop, seed, batch_size, fit_fraction, n_reference = (
-        plain_number(v) for v in (n, image_size, crop, seed, batch_size, fit_fraction, n_reference))
+    n, image_size, crop, seed, batch_size, fit_fraction, fit_folds, n_reference = (
+        plain_number(v) for v in (n, image_size, crop, seed, batch_size, fit_fraction, fit_folds, n_reference))
     return AuditOptions(suite=loaded_suite, model=model, model_options=model_options, data=data, n=n,
                         image_size=image_size, crop=crop, seed=seed, device=device, batch_size=batch_size,
-                        fit_fraction=fit_fraction, detectors=None if detectors is None else tuple(detectors),
+                        fit_fraction=fit_fraction, fit_folds=fit_folds, detectors=None if detectors is None else tuple(detectors),
                         n_reference=n_reference, noisy_negatives=noisy_negatives,
                         cache_dir=None if not cache else Path(cache_dir) if cache_dir else default_cache_dir())
 
@@ -181,7 +183,7 @@ def check_compatible(model: nn.Module, sample: DataSample, device: torch.device,
 #: (:func:`~advdetect.options.fraction`); the Python API gives them unparsed.
 NUMBERS = {"n": ("--n", True), "n_reference": ("--n-reference", True), "batch_size": ("--batch-size", True),
            "seed": ("--seed", True), "image_size": ("--image-size", True), "crop": ("--crop", True),
-           "fit_fraction": ("--fit-fraction", False)}
+           "fit_fraction": ("--fit-fraction", False), "fit_folds": ("--fit-folds", True)}
 
 
 def check_number_types(options: AuditOptions) -> None:
@@ -231,6 +233,8 @@ def prepare(options: AuditOptions) -> Prepared:
         raise UsageError(f"--n-reference must be at least {MIN_REFERENCE}; got {options.n_reference}")
     if not 0.0 < options.fit_fraction < 1.0:
         raise UsageError(f"--fit-fraction must lie strictly between 0 and 1; got {options.fit_fraction}")
+    if options.fit_folds < 0 or options.fit_folds == 1:
+        raise UsageError(f"--fit-folds must be 0 (off) or at least 2; got {options.fit_folds}")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {options.batch_size}")
     check_seed(options.seed)

@@ -167,6 +167,8 @@ class RunInfo(Record):
     started_at: str
     cache_dir: str | None = None
     noisy_negatives: bool = False
+    #: K >= 2: the supervised detectors were cross-fitted over K folds (0: one fit_fraction split)
+    fit_folds: int = 0
     attack_cache_hits: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: seconds of the detect stage spent on each detector: preparing, signatures, fitting and
@@ -181,8 +183,9 @@ class RunInfo(Record):
         for cell in self.cells:
             if len(cell) != 2 or not is_slug(cell[1]):
                 raise ValueError(f"the cell entry {json_preview(cell)} is not a [key, file name] pair")
-        if not 0 <= self.clean_accuracy <= 1 or not 0 < self.fit_fraction < 1 or self.batch_size < 1:
-            raise ValueError("clean_accuracy, fit_fraction or batch_size is out of range")
+        if (not 0 <= self.clean_accuracy <= 1 or not 0 < self.fit_fraction < 1 or self.batch_size < 1
+                or self.fit_folds < 0 or self.fit_folds == 1):
+            raise ValueError("clean_accuracy, fit_fraction, fit_folds or batch_size is out of range")
 
 
 def is_slug(text: str) -> bool:

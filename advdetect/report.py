@@ -79,6 +79,7 @@ def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dic
         "seed": info.seed,
         "device": info.device,
         "fit_fraction": info.fit_fraction,
+        "fit_folds": info.fit_folds,
         "versions": info.versions,
         "started_at": info.started_at,
         "timings": info.timings,
@@ -338,8 +339,7 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
         ("clean accuracy", f"{info.clean_accuracy:.3f}"),
         ("suite", f"{info.suite['name']} ({info.suite['source']})"),
         ("seed / device", f"{info.seed} / {info.device}"),
-        ("protocols", f"seen, unseen, oneclass: {100 * info.fit_fraction:g}% of the correctly classified inputs "
-                      f"calibrate, the rest test; {info.data.get('n_reference', 0)} clean reference inputs; negatives "
+        ("protocols", f"seen, unseen, oneclass: {_split_text(info)}; {info.data.get('n_reference', 0)} clean reference inputs; negatives "
                       f"{'clean inputs and noisy copies' if info.noisy_negatives else 'clean inputs'}"),
         ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())
          + ("" if info.attack_cache_hits is None else
@@ -477,3 +477,10 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     document["timings"] = info.timings
     write_json(run_dir / "results.json", document)
     return document
+
+
+def _split_text(info: RunInfo) -> str:
+    if info.fit_folds:
+        return (f"supervised detectors cross-fitted over {info.fit_folds} folds of the correctly classified inputs "
+                f"(each fold tested by detectors fitted on the others), every fooled pair tested")
+    return f"{100 * info.fit_fraction:g}% of the correctly classified inputs calibrate, the rest test"

@@ -76,3 +76,27 @@ def test_ood_bad_set_is_one_line_and_no_output(tmp_path, capsys, monkeypatch):
     assert main(["ood", "--n", "20", "--sets", "uniform,nope"]) == 2
     assert "unknown out-of-distribution set 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "reports").exists()
+
+
+def test_cross_fitting_tests_every_fooled_pair_and_fits_on_the_other_folds(tmp_path):
+    (tmp_path / "suite.toml").write_text(SUITE)
+    common = [str(tmp_path / "suite.toml"), "--n", "80", "--detectors", "msp,confounding_gradient", "--cache-dir",
+              str(tmp_path / "cache")]
+    assert main(["audit", *common, "--fit-folds", "3", "--out", str(tmp_path / "folds")]) == 0
+    assert main(["audit", *common, "--out", str(tmp_path / "split")]) == 0
+    folds, split = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("folds", "split"))
+    assert folds["fit_folds"] == 3 and split["fit_folds"] == 0
+    fooled = {a["key"]: a["n_fooled"] for a in folds["attacks"]}
+    for row in folds["results"]:
+        key = f"{row['attack']}[{row['strength_name']}={row['strength']:g}]"
+        assert row["n_adv"] == fooled[key]  # every fooled pair is tested, under every protocol
+        if row["detector"] == "confounding_gradient":
+            assert len(row["detector_params"]["C"]) == 3  # one fit per fold
+            fit_on = fooled[row["detector_params"].get("fitted_on", key)]
+            assert fit_on // 2 < row["n_fit"] < fit_on  # about 2/3 of the pairs: the fewest of any fold
+    split_rows = [r for r in split["results"] if r["detector"] == "confounding_gradient" and r["protocol"] == "seen"]
+    fold_rows = [r for r in folds["results"] if r["detector"] == "confounding_gradient" and r["protocol"] == "seen"]
+    assert all(f["n_fit"] > s["n_fit"] and f["n_adv"] > s["n_adv"] for f, s in zip(fold_rows, split_rows))
+    assert "cross-fitted over 3 folds" in (tmp_path / "folds" / "report.html").read_text()
+    assert main(["audit", *common, "--fit-folds", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

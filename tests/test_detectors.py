@@ -85,3 +85,39 @@ def test_rank_auroc_is_roc_auc_score_with_ties():
         labels[:2] = [0, 1]
         scores = rng.integers(0, 6, 30).astype(float)  # many ties
         assert rank_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def _boundary_model() -> torch.nn.Module:
+    """Two classes split at x[0] = 0.5 (logits 40 * (x0 - 0.5) and its negative)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[20.0, 0, 0, 0], [-20.0, 0, 0, 0]]))
+        model[1].bias.copy_(torch.tensor([-10.0, 10.0]))
+    return model.eval()
+
+
+def test_the_sensitive_variant_joins_instability_to_the_confounding_signature():
+    from advdetect.features import prediction_instability
+
+    model, inputs = _boundary_model(), torch.rand(6, 1, 2, 2)
+    detector = get_detector("confounding_gradient")(loss="softmax_bce", noise_levels=[0.02, 0.08], noise_draws=4)
+    signatures = detector.signatures(model, inputs)
+    gradients = confounding_gradient_features(model, inputs, loss="softmax_bce").numpy()
+    np.testing.assert_array_equal(signatures[:, :2], gradients)
+    np.testing.assert_array_equal(signatures[:, 2:], prediction_instability(model, inputs, [0.02, 0.08], 4).numpy())
+    assert detector.signature_key() != get_detector("confounding_gradient")(loss="softmax_bce").signature_key()
+
+
+def test_the_sensitive_variant_ranks_inputs_next_to_the_boundary_as_adversarial():
+    # clean inputs sit far from the boundary, adversarial ones just across it (as minimum-norm attacks leave them)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(80, 1, 2, 2, generator=generator)
+    clean[:, 0, 0, 0] = torch.where(torch.arange(80) % 2 == 0, 0.05, 0.95) + 0.05 * torch.rand(80, generator=generator)
+    adversarial = clean.clone()
+    adversarial[:, 0, 0, 0] = 0.5 + torch.where(clean[:, 0, 0, 0] < 0.5, 0.004, -0.004)
+    model = _boundary_model()
+    detector = get_detector("confounding_gradient")(loss="softmax_bce", noise_levels=[0.01, 0.04], noise_draws=8)
+    clean_sig, adv_sig = detector.signatures(model, clean), detector.signatures(model, adversarial)
+    detector.fit(clean_sig[:40], adv_sig[:40])
+    auroc = detection_metrics(detector.score_samples(clean_sig[40:]), detector.score_samples(adv_sig[40:]))["auroc"]
+    assert auroc > 0.95

@@ -190,3 +190,32 @@ def test_l1_norm_ablation_is_the_l1_norm_of_each_gradient(tiny_model, tiny_input
     grads = torch.autograd.grad(confounding_loss(model(x)).sum(), list(model.parameters()))
     expected = torch.stack([g.abs().sum() for g in grads])
     torch.testing.assert_close(confounding_gradient_features(model, x, norm="l1")[0], expected)
+
+
+def test_prediction_instability_by_hand():
+    import numpy as np
+
+    from advdetect.features import prediction_instability
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).eval()
+    inputs = torch.rand(5, 1, 2, 3)
+    levels, draws = (0.05, 0.3), 4
+    noise = torch.randn((len(levels), draws, 1, 2, 3), generator=torch.Generator().manual_seed(7))
+    expected = np.zeros((5, 4))
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            p = torch.softmax(model(x[None]).double(), 1)[0]
+            for j, level in enumerate(levels):
+                flips, kl = 0, 0.0
+                for d in range(draws):
+                    q = torch.softmax(model((x + level * noise[j, d]).clamp(0, 1)[None]).double(), 1)[0]
+                    flips += int(q.argmax() != p.argmax())
+                    kl += float((p * (p.log() - q.log())).sum()) / draws
+                expected[i, 2 * j : 2 * j + 2] = [(flips + 0.5) / (draws + 1), max(kl, 1e-12)]
+    got = prediction_instability(model, inputs, levels, draws, seed=7, batch_size=2).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+    # the same noise for every input: an input's signature does not depend on its batch
+    np.testing.assert_array_equal(prediction_instability(model, inputs[3:], levels, draws, seed=7, batch_size=64),
+                                  got[3:])
+    assert prediction_instability(model, inputs[:0], levels, draws).shape == (0, 4)

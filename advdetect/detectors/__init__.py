@@ -38,14 +38,17 @@ ZERO_ALLOWED = frozenset({"noises", "epsilons", "seed", "dropout"})
 def check_params(cls: type[Detector], params: dict[str, object]) -> None:
     """Raise ValueError unless every value fits the type of the hyperparameter's default: whole
     numbers for counts (``cv`` at least 2), finite positive numbers, lists for sequences."""
-    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+    parameters = inspect.signature(cls.__init__).parameters
+    defaults = {name: p.default for name, p in parameters.items()}
     for name, value in params.items():
         default = defaults.get(name)
         if isinstance(default, (tuple, list)):
             if not isinstance(value, (tuple, list)) or (default and not value):
                 raise ValueError(f"{name} must be a{' non-empty' if default else ''} list; got {value!r}")
+            # an empty default's items are numbers when the annotation says so (Sequence[float])
+            item_default = default[0] if default else (0.0 if "float" in str(parameters[name].annotation) else "")
             for item in value:
-                _check_scalar(name, item, default[0] if default else "")
+                _check_scalar(name, item, item_default)
         else:
             _check_scalar(name, value, default)
 

@@ -13,7 +13,16 @@ Ablations (constructor arguments, settable from a suite's ``[detectors.NAME]`` t
 ``softmax_bce``), the ``norm`` (``l2sq``, ``l1``) and ``layers``, glob patterns over parameter
 names that select the tensors used (all by default). Research variants: ``label`` joined by ``+``
 concatenates the signatures of several labels; ``with_outputs`` adds three statistics of the
-logits (top softmax probability, log-sum-exp, top-two margin) to the gradient norms.
+logits (top softmax probability, log-sum-exp, top-two margin) to the gradient norms;
+``noise_levels`` adds a sensitivity signature, how the prediction moves under Gaussian input
+noise at each level (:func:`advdetect.features.prediction_instability`, ``noise_draws`` copies
+per level).
+
+The sensitivity variant exists because the paper's signature barely moves for minimum-norm
+attacks (CW with kappa 0, DeepFool): their adversarial examples sit on the decision boundary,
+where the all-ones loss is flat, but there a little noise flips the prediction. The built-in
+suites run it as ``confounding_gradient_sensitive`` (softmax loss, levels 0.01 to 0.08, 8 draws);
+the README's "Variants and ablations" gives its measured AUROC beside the paper's detector.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from torch import nn
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import DEFAULT_CS, Detector, fit_logistic, require_adversarial
 from advdetect.inference import batched_logits
-from advdetect.features import LABELS, LOSSES, NORMS, confounding_gradient_features, parameter_names
+from advdetect.features import LABELS, LOSSES, NORMS, confounding_gradient_features, parameter_names, \
+    prediction_instability
 
 # Gradient norms span many orders of magnitude; exact zeros (a parameter the loss does not
 # reach) are floored instead of becoming -inf.
@@ -57,12 +67,15 @@ class ConfoundingSignatures(Detector):
     """The signature shared by the confounding-gradient detectors and its ablations."""
 
     def __init__(self, label: str = "ones", loss: str = "sigmoid_bce", norm: str = "l2sq",
-                 layers: Sequence[str] = (), with_outputs: bool = False) -> None:
+                 layers: Sequence[str] = (), with_outputs: bool = False, noise_levels: Sequence[float] = (),
+                 noise_draws: int = 8) -> None:
         self.label = label
         self.loss = loss
         self.norm = norm
         self.layers = layers
         self.with_outputs = with_outputs
+        self.noise_levels = noise_levels
+        self.noise_draws = noise_draws
 
     def validate(self) -> None:
         for what, values, valid in (("label", self.label.split("+"), LABELS), ("loss", [self.loss], LOSSES),
@@ -72,7 +85,8 @@ class ConfoundingSignatures(Detector):
                     raise ValueError(f"{self.name}: unknown {what} {value!r}; valid: {', '.join(valid)}")
 
     def signature_key(self) -> tuple:
-        return ("confounding_gradient", self.label, self.loss, self.norm, tuple(self.layers), self.with_outputs)
+        return ("confounding_gradient", self.label, self.loss, self.norm, tuple(self.layers), self.with_outputs,
+                tuple(self.noise_levels), self.noise_draws if self.noise_levels else None)
 
     def check_model(self, model: nn.Module) -> None:
         self._kept(model)
@@ -94,6 +108,9 @@ class ConfoundingSignatures(Detector):
                                                 norm=self.norm).numpy()[:, keep] for label in self.label.split("+")]
         if self.with_outputs:
             blocks.append(output_statistics(batched_logits(model, inputs, batch_size)))
+        if self.noise_levels:
+            blocks.append(prediction_instability(model, inputs, self.noise_levels, self.noise_draws,
+                                                 batch_size=batch_size).numpy())
         return np.concatenate(blocks, axis=1)
 
 
@@ -104,8 +121,9 @@ class ConfoundingGradient(ConfoundingSignatures):
     uses_adversarial = True
 
     def __init__(self, label: str = "ones", loss: str = "sigmoid_bce", norm: str = "l2sq", layers: Sequence[str] = (),
-                 with_outputs: bool = False, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
-        super().__init__(label, loss, norm, layers, with_outputs)
+                 with_outputs: bool = False, noise_levels: Sequence[float] = (), noise_draws: int = 8,
+                 Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
+        super().__init__(label, loss, norm, layers, with_outputs, noise_levels, noise_draws)
         self.Cs = Cs
         self.cv = cv
 
