@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -227,6 +228,42 @@ def evaluate(path: Path, out_json: Path | None, kinds: list[str]) -> None:
         out_json.write_text(json.dumps(results, indent=1))
 
 
+def agnostic(run_dir: Path, path: Path) -> None:
+    """The attack-agnostic detector: fitted in ``prepare`` on its own adversarial examples of the
+    run's reference inputs, scored on the stored signatures (softmax confounding + instability,
+    the same functions and noise) of the audited clean inputs and of every attack."""
+    from advdetect.detectors.confounding_gradient_agnostic import ConfoundingGradientAgnostic
+    from advdetect.rundir import reference_arrays
+
+    info = read_run(run_dir)
+    model = load_model(info.model["spec"], ModelOptions.from_dict(info.model["options"])).module.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sample = sample_arrays(run_dir)
+    reference = reference_arrays(run_dir, sample["x"].shape[1:])
+    data = dict(np.load(path))
+    attacks = [k.split("__")[0] for k in data if k.endswith("__fooled") and not k.startswith("clean")]
+    levels = (0.02, 0.08)  # the kept variants' levels: columns of the stored four
+    columns = [c for i, level in enumerate(NOISE_LEVELS) if level in levels for c in (2 * i, 2 * i + 1)]
+    signature = lambda what: np.concatenate([data[f"{what}__conf_softmax"], data[f"{what}__instability"][:, columns]],
+                                            axis=1)
+    mixes = [((0.005, 0.015, 0.05, 0.15), (0.015, 0.05), 10), ((0.005, 0.015, 0.05, 0.15), (), 10),
+             ((0.005, 0.015, 0.05, 0.15), (), 0), ((), (), 10)]
+    for epsilons, iterative, boundary_steps in mixes[: int(os.environ.get("MIXES", len(mixes)))]:
+        started = time.perf_counter()
+        detector = ConfoundingGradientAgnostic(noise_levels=levels, epsilons=epsilons, iterative_epsilons=iterative,
+                                               boundary_steps=boundary_steps)
+        detector.prepare(model, torch.from_numpy(reference["x"]), torch.from_numpy(reference["y"]))
+        values = []
+        for attack in attacks:
+            pairs = np.flatnonzero(data[f"{attack}__fooled"])
+            values.append(auroc(detector.score_samples(signature("clean")[pairs]),
+                                detector.score_samples(signature(attack)[pairs])))
+        print(f"agnostic eps={epsilons} iterative={iterative} boundary_steps={boundary_steps} ({detector.n_self_made_} self-made, C={detector.C_}, "
+              f"{time.perf_counter() - started:.0f} s): " + " ".join(f"{a} {v:.3f}" for a, v in zip(attacks, values)),
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,9 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("features", type=Path)
     e.add_argument("--json", type=Path)
     e.add_argument("--classifiers", default="logistic,mlp,gbm")
+    a = sub.add_parser("agnostic")
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("features", type=Path)
     args = parser.parse_args(argv)
     if args.command == "features":
         features(args.run_dir, args.out)
+    elif args.command == "agnostic":
+        agnostic(args.run_dir, args.features)
     else:
         evaluate(args.features, args.json, args.classifiers.split(","))
 

@@ -46,7 +46,7 @@ def test_audit_writes_results_with_a_row_per_cell_and_detector(audited: Path):
                          *([] if cls.needs_adversarial else ["oneclass"])]
             expected += [(a, st, name, p) for p in protocols]
     assert [(r["attack"], r["strength"], r["detector"], r["protocol"]) for r in rows] == expected
-    assert len(DETECTORS) == 9
+    assert len(DETECTORS) == 10
     for row in rows:
         assert ROW_KEYS <= set(row) and row["negatives"] == "clean"
         if row["reason"] is None:

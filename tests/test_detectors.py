@@ -121,3 +121,42 @@ def test_the_sensitive_variant_ranks_inputs_next_to_the_boundary_as_adversarial(
     detector.fit(clean_sig[:40], adv_sig[:40])
     auroc = detection_metrics(detector.score_samples(clean_sig[40:]), detector.score_samples(adv_sig[40:]))["auroc"]
     assert auroc > 0.95
+
+
+def test_the_agnostic_detector_makes_its_own_adversarial_examples():
+    from advdetect.detectors.confounding_gradient_agnostic import boundary_step, sign_gradient_step
+
+    model = _boundary_model()
+    x = torch.tensor([[0.2, 0.3, 0.4, 0.9], [0.8, 0.1, 0.5, 0.5]]).view(2, 1, 2, 2)
+    # FGSM: only the first pixel moves the logits; it moves toward the boundary, by epsilon
+    moved = sign_gradient_step(model, x, torch.tensor([1, 0]), 0.1)
+    torch.testing.assert_close(moved.flatten(1)[:, 0], torch.tensor([0.3, 0.7]))
+    torch.testing.assert_close(moved.flatten(1)[:, 1:], x.flatten(1)[:, 1:])
+    # BIM's iteration: steps of 2.5 * eps / steps, projected back into the eps ball
+    iterated = sign_gradient_step(model, x, torch.tensor([1, 0]), 0.1, steps=3)
+    torch.testing.assert_close(iterated.flatten(1)[:, 0], torch.tensor([0.3, 0.7]))
+    # on a linear model one linearized step lands (1 + overshoot) times as far as the boundary at 0.5
+    crossed = boundary_step(model, x, overshoot=0.2, steps=5)
+    torch.testing.assert_close(crossed.flatten(1)[:, 0], torch.tensor([0.5 + 0.2 * 0.3, 0.5 - 0.2 * 0.3]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(crossed.flatten(1)[:, 1:], x.flatten(1)[:, 1:])
+
+
+def test_the_agnostic_detector_fits_without_the_audited_attack_and_ranks_a_boundary_case():
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.rand(60, 1, 2, 2, generator=generator)
+    reference[:, 0, 0, 0] = torch.where(torch.arange(60) % 2 == 0, 0.05, 0.95) + 0.05 * torch.rand(60, generator=generator)
+    labels = (reference[:, 0, 0, 0] < 0.5).long()  # class 1 below the boundary
+    model = _boundary_model()
+    detector = get_detector("confounding_gradient_agnostic")(noise_levels=[0.02, 0.08], epsilons=[0.6], noise_draws=8)
+    assert not detector.needs_adversarial and not detector.uses_adversarial  # reported under seen and oneclass
+    detector.prepare(model, reference, labels)
+    assert detector.fitted_params()["n_self_made"] == 120  # every FGSM and every boundary step crossed
+    # the audited "attack": inputs just across the boundary, none of which the detector saw
+    clean = torch.rand(40, 1, 2, 2, generator=generator)
+    clean[:, 0, 0, 0] = torch.where(torch.arange(40) % 2 == 0, 0.1, 0.9)
+    adversarial = clean.clone()
+    adversarial[:, 0, 0, 0] = 0.5 + torch.where(clean[:, 0, 0, 0] < 0.5, 0.003, -0.003)
+    detector.fit(detector.signatures(model, clean))
+    scores = [detector.score_samples(detector.signatures(model, x)) for x in (clean, adversarial)]
+    assert detection_metrics(*scores)["auroc"] > 0.95

@@ -32,7 +32,7 @@ def get_detector(name: str) -> type[Detector]:
 
 
 #: Hyperparameters that may be 0 (all other numbers must be positive).
-ZERO_ALLOWED = frozenset({"noises", "epsilons", "seed", "dropout"})
+ZERO_ALLOWED = frozenset({"noises", "epsilons", "seed", "dropout", "boundary_steps", "iterative_epsilons"})
 
 
 def check_params(cls: type[Detector], params: dict[str, object]) -> None:

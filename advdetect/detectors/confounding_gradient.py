@@ -21,7 +21,7 @@ per level).
 The sensitivity variant exists because the paper's signature barely moves for minimum-norm
 attacks (CW with kappa 0, DeepFool): their adversarial examples sit on the decision boundary,
 where the all-ones loss is flat, but there a little noise flips the prediction. The built-in
-suites run it as ``confounding_gradient_sensitive`` (softmax loss, levels 0.01 to 0.08, 8 draws);
+suites run it as ``confounding_gradient_sensitive`` (softmax loss, levels 0.02 and 0.08, 8 draws);
 the README's "Variants and ablations" gives its measured AUROC beside the paper's detector.
 """
 
