@@ -187,6 +187,8 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
         # one fit per round (one round without cross-fitting), each scoring its round's test pairs
         parts, params = [], []
         for index, ((fit_rows, _), (_, test_rows)) in enumerate(zip(fit_cell.rounds, cell.rounds)):
+            if not len(test_rows):  # a fold without a fooled input of this cell: nothing to score
+                continue
             fitted = entry.fitted(f"{fit_cell.record.key}#{index}", fit_cell.negatives(signatures, detector, fit_rows),
                                   fit_cell.adversarial(signatures, detector, fit_rows),
                                   keep=protocol == "unseen" and len(cell.rounds) > 1)

@@ -235,6 +235,9 @@ def prepare(options: AuditOptions) -> Prepared:
         raise UsageError(f"--fit-fraction must lie strictly between 0 and 1; got {options.fit_fraction}")
     if options.fit_folds < 0 or options.fit_folds == 1:
         raise UsageError(f"--fit-folds must be 0 (off) or at least 2; got {options.fit_folds}")
+    if options.n is not None and options.fit_folds > options.n:
+        raise UsageError(f"--fit-folds {options.fit_folds} is more folds than the {options.n} audited inputs; "
+                         f"use at most --n folds (5 or 10 is usual)")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {options.batch_size}")
     check_seed(options.seed)

@@ -99,4 +99,9 @@ def test_cross_fitting_tests_every_fooled_pair_and_fits_on_the_other_folds(tmp_p
     assert all(f["n_fit"] > s["n_fit"] and f["n_adv"] > s["n_adv"] for f, s in zip(fold_rows, split_rows))
     assert "cross-fitted over 3 folds" in (tmp_path / "folds" / "report.html").read_text()
     assert main(["audit", *common, "--fit-folds", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["audit", *common, "--fit-folds", "81", "--out", str(tmp_path / "bad")]) == 2  # more folds than inputs
     assert not (tmp_path / "bad").exists()
+    # folds holding no fooled input of a cell (nearly one input per fold) are skipped, not scored empty
+    assert main(["audit", *common, "--fit-folds", "70", "--out", str(tmp_path / "many")]) == 0
+    many = json.loads((tmp_path / "many" / "results.json").read_text())
+    assert all(r["n_adv"] == fooled[f"{r['attack']}[{r['strength_name']}={r['strength']:g}]"] for r in many["results"])
