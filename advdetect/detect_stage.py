@@ -197,7 +197,7 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
                           fitted.score_samples(cell.adversarial(signatures, detector, test_rows))))
         clean_scores = np.concatenate([clean for clean, _ in parts])
         adversarial_scores = np.concatenate([adversarial for _, adversarial in parts])
-        row.detector_params = params[0] if len(params) == 1 else {k: [p[k] for p in params] for k in params[0]}
+        row.detector_params = params[0] if len(cell.rounds) == 1 else {k: [p[k] for p in params] for k in params[0]}
     else:
         fitted = entry.fitted("reference", signatures.get(detector, "reference", inputs.reference))
         row.detector_params = fitted.fitted_params()
