@@ -30,14 +30,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import DEFAULT_CS, fit_logistic
-from advdetect.detectors.confounding_gradient import ConfoundingSignatures, log_features
+from advdetect.detectors.base import DEFAULT_CS
+from advdetect.detectors.confounding_gradient import ConfoundingGradient
 from advdetect.errors import Unavailable
 from advdetect.inference import batched_logits, model_device
 
@@ -97,22 +95,22 @@ def boundary_step(model: nn.Module, inputs: torch.Tensor, overshoot: float, step
 
 
 @register_detector
-class ConfoundingGradientAgnostic(ConfoundingSignatures):
+class ConfoundingGradientAgnostic(ConfoundingGradient):
     name = "confounding_gradient_agnostic"
+    needs_adversarial = False
+    uses_adversarial = False
 
     def __init__(self, label: str = "ones", loss: str = "softmax_bce", norm: str = "l2sq", layers: Sequence[str] = (),
                  with_outputs: bool = False, noise_levels: Sequence[float] = (0.02, 0.08),
                  noise_draws: int = 8, epsilons: Sequence[float] = (0.005, 0.015, 0.05, 0.15),
                  iterative_epsilons: Sequence[float] = (0.015, 0.05), iterative_steps: int = 5,
                  overshoot: float = 0.2, boundary_steps: int = 10, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
-        super().__init__(label, loss, norm, layers, with_outputs, noise_levels, noise_draws)
+        super().__init__(label, loss, norm, layers, with_outputs, noise_levels, noise_draws, Cs, cv)
         self.epsilons = epsilons
         self.iterative_epsilons = iterative_epsilons
         self.iterative_steps = iterative_steps
         self.overshoot = overshoot
         self.boundary_steps = boundary_steps
-        self.Cs = Cs
-        self.cv = cv
 
     def self_made(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
                   batch_size: int = 64) -> torch.Tensor:
@@ -135,11 +133,8 @@ class ConfoundingGradientAgnostic(ConfoundingSignatures):
             raise Unavailable(f"{len(clean)} correctly classified reference inputs gave {len(adversarial)} "
                              f"adversarial examples of its own, {MIN_SELF_MADE} of each needed; raise --n-reference "
                              f"or the epsilons")
-        self.pipeline_: Pipeline
-        self.pipeline_, self.C_, _ = fit_logistic(
-            self.signatures(model, clean, batch_size=batch_size),
-            self.signatures(model, adversarial, batch_size=batch_size), Cs=self.Cs, cv=self.cv,
-            prefix=[FunctionTransformer(log_features)])
+        super().fit(self.signatures(model, clean, batch_size=batch_size),
+                    self.signatures(model, adversarial, batch_size=batch_size))
         self.n_self_made_ = len(adversarial)
         return self
 
@@ -148,10 +143,5 @@ class ConfoundingGradientAgnostic(ConfoundingSignatures):
         check_is_fitted(self, "pipeline_")
         return self
 
-    def score_samples(self, signatures: np.ndarray) -> np.ndarray:
-        check_is_fitted(self, "pipeline_")
-        return self.pipeline_.decision_function(signatures)
-
     def fitted_params(self) -> dict[str, Any]:
-        check_is_fitted(self, "pipeline_")
-        return {"C": self.C_, "n_self_made": self.n_self_made_}
+        return {**super().fitted_params(), "n_self_made": self.n_self_made_}
