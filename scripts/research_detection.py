@@ -86,7 +86,6 @@ def features(run_dir: Path, out: Path) -> None:
         saved[f"{what}__fooled"] = fooled
         for name, fn in SIGNATURES.items():
             started = time.perf_counter()
-            value = np.full((len(x), 0), np.nan)
             rows = fn(model, x[fooled])
             value = np.full((len(x), rows.shape[1]), np.nan)
             value[fooled] = rows
