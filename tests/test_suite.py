@@ -33,8 +33,10 @@ def test_builtin_suites_ship_with_the_package_and_are_valid():
     assert {"default", "standard"} <= set(builtin_suites())
     for name in ("default", "standard"):
         suite = load_suite(name)
-        assert {s.attack for s in suite.attacks} == {"fgsm", "bim", "pgd", "cw", "deepfool"}
-        assert all(len(s.strengths) >= 3 for s in suite.attacks)
+        assert {s.attack_name for s in suite.attacks} == {"fgsm", "bim", "pgd", "cw", "deepfool"}
+        assert all(len(s.strengths) >= 3 for s in suite.attacks if s.attack != "cw_confident")
+    confident = next(s for s in load_suite("standard").attacks if s.attack == "cw_confident")
+    assert (confident.attack_name, confident.strength_name, confident.strengths) == ("cw", "kappa", (5.0, 20.0))
 
 
 def test_suite_round_trips_through_its_document():
