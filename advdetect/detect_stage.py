@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.detectors import Detector, DetectorVariant, build_detector
+from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector
 from advdetect.distributed import current_world
 from advdetect.errors import Unavailable
 from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
@@ -284,14 +284,24 @@ class Signatures:
     store: dict[tuple, np.ndarray] = field(default_factory=dict)
 
     def get(self, detector: Detector, what: str, inputs: torch.Tensor) -> np.ndarray:
-        """The signatures of ``inputs`` (named ``what``), computed on first use in chunks of
-        ``batch_size`` rows, shared among the ranks of a distributed audit."""
+        """The signatures of ``inputs`` (named ``what``), computed on first use block by block
+        (:meth:`~advdetect.detectors.Detector.signature_blocks`, each block once for every
+        detector that shares it), in chunks of ``batch_size`` rows, shared among the ranks of a
+        distributed audit."""
         key = (detector.signature_key(), what)
+        if key not in self.store:
+            detector.validate()
+            blocks = [self._block(block_key, compute, what, inputs) for block_key, compute in detector.signature_blocks()]
+            self.store[key] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+        return self.store[key]
+
+    def _block(self, block_key: tuple, compute: SignatureFunction, what: str, inputs: torch.Tensor) -> np.ndarray:
+        key = (block_key, what)
         if key not in self.store:
             signatures = current_world().map_chunks(
                 len(inputs), self.batch_size,
-                lambda index, rows: detector.signatures(self.model, inputs[rows], batch_size=self.batch_size))
-            self.store[key] = (detector.signatures(self.model, inputs, batch_size=self.batch_size)
+                lambda index, rows: compute(self.model, inputs[rows], batch_size=self.batch_size))
+            self.store[key] = (compute(self.model, inputs, batch_size=self.batch_size)
                                if signatures is None else signatures)
         return self.store[key]
 

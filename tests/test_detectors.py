@@ -108,6 +108,30 @@ def test_the_sensitive_variant_joins_instability_to_the_confounding_signature():
     assert detector.signature_key() != get_detector("confounding_gradient")(loss="softmax_bce").signature_key()
 
 
+def test_an_audit_computes_a_block_two_variants_share_once(monkeypatch):
+    """The softmax variant's gradient norms are the sensitive variant's first columns: one computation."""
+    from advdetect import features
+    from advdetect.detect_stage import Signatures
+
+    calls = []
+    computed = features.confounding_gradient_features
+    monkeypatch.setattr("advdetect.detectors.confounding_gradient.confounding_gradient_features",
+                        lambda *args, **kwargs: calls.append(kwargs["loss"]) or computed(*args, **kwargs))
+    model, inputs = _boundary_model(), torch.rand(6, 1, 2, 2)
+    softmax = get_detector("confounding_gradient")(loss="softmax_bce")
+    sensitive = get_detector("confounding_gradient")(loss="softmax_bce", noise_levels=[0.02], noise_draws=4)
+    paper = get_detector("confounding_gradient")()
+    store = Signatures(model, batch_size=6)
+    shared = [store.get(detector, "clean", inputs) for detector in (softmax, sensitive, paper)]
+    assert calls == ["softmax_bce", "sigmoid_bce"]
+    expected = [detector.signatures(model, inputs) for detector in (softmax, sensitive, paper)]
+    for got, want in zip(shared, expected):
+        np.testing.assert_array_equal(got, want)
+    assert shared[1].shape[1] == shared[0].shape[1] + 2
+    store.get(sensitive, "adversarial", inputs + 0.1)  # another input set is another computation
+    assert calls[2:] == ["softmax_bce", "softmax_bce", "sigmoid_bce", "softmax_bce"]
+
+
 def test_the_sensitive_variant_ranks_inputs_next_to_the_boundary_as_adversarial():
     # clean inputs sit far from the boundary, adversarial ones just across it (as minimum-norm attacks leave them)
     generator = torch.Generator().manual_seed(0)

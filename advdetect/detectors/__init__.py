@@ -10,7 +10,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Iterable, TypeVar
 
-from advdetect.detectors.base import Detector
+from advdetect.detectors.base import Detector, SignatureFunction
 from advdetect.errors import UsageError
 
 DETECTORS: dict[str, type[Detector]] = {}
@@ -97,5 +97,5 @@ def build_detector(name: str, variants: Iterable[DetectorVariant] = ()) -> Detec
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DETECTORS", "Detector", "DetectorVariant", "build_detector", "check_params", "get_detector",
+__all__ = ["DETECTORS", "Detector", "DetectorVariant", "SignatureFunction", "build_detector", "check_params", "get_detector",
            "register_detector"]

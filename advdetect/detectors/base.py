@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
+
+#: Computes one block of signatures: ``(model, inputs, *, batch_size) -> [N, D]``.
+SignatureFunction = Callable[..., np.ndarray]
 
 #: Inverse regularization strengths the supervised detectors choose from by cross-validation.
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in 10.0 ** np.arange(-3, 4))
@@ -59,6 +62,13 @@ class Detector(BaseEstimator, ABC):
     def signature_key(self) -> tuple:
         """Detectors with equal keys compute equal signatures, so an audit computes them once."""
         return (type(self).__name__, id(self))
+
+    def signature_blocks(self) -> list[tuple[tuple, SignatureFunction]]:
+        """The signature as column blocks side by side, each a (key, function) pair with the
+        arguments of :meth:`signatures`: detectors whose signatures differ but share a block (a
+        variant that adds columns to another's) compute that block once in an audit. By default
+        one block, the whole signature."""
+        return [(self.signature_key(), self.signatures)]
 
     def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Detector":
         """Fit on signatures of clean and (optionally) adversarial inputs. When both have the same

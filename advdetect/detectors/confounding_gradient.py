@@ -27,6 +27,7 @@ the README's "Variants and ablations" gives its measured AUROC beside the paper'
 
 from __future__ import annotations
 
+import functools
 from fnmatch import fnmatch
 from typing import Any, Sequence
 
@@ -38,7 +39,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import DEFAULT_CS, Detector, fit_logistic, require_adversarial
+from advdetect.detectors.base import DEFAULT_CS, Detector, SignatureFunction, fit_logistic, require_adversarial
 from advdetect.inference import batched_logits
 from advdetect.features import LABELS, LOSSES, NORMS, confounding_gradient_features, parameter_names, \
     prediction_instability
@@ -101,17 +102,39 @@ class ConfoundingSignatures(Detector):
                                  f"{', '.join(names[:3])}")
         return [i for i, name in enumerate(names) if any(fnmatch(name, p) for p in self.layers)]
 
+    def signature_blocks(self) -> list[tuple[tuple, SignatureFunction]]:
+        """One block per confounding label, then the logit statistics and the instability
+        signature when asked for: the softmax variant's gradient norms are the sensitive
+        variant's first columns, computed once in an audit that runs both."""
+        layers = tuple(self.layers)
+        blocks: list[tuple[tuple, SignatureFunction]] = [
+            (("confounding_gradient_norms", label, self.loss, self.norm, layers),
+             functools.partial(self._gradient_norms, label=label)) for label in self.label.split("+")]
+        if self.with_outputs:
+            blocks.append((("logit_statistics",), _logit_statistics))
+        if self.noise_levels:
+            blocks.append((("prediction_instability", tuple(self.noise_levels), self.noise_draws),
+                           functools.partial(_instability, levels=tuple(self.noise_levels), draws=self.noise_draws)))
+        return blocks
+
+    def _gradient_norms(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64, label: str) -> np.ndarray:
+        features = confounding_gradient_features(model, inputs, batch_size=batch_size, label=label, loss=self.loss,
+                                                 norm=self.norm)
+        return features.numpy()[:, self._kept(model)]
+
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         self.validate()
-        keep = self._kept(model)
-        blocks = [confounding_gradient_features(model, inputs, batch_size=batch_size, label=label, loss=self.loss,
-                                                norm=self.norm).numpy()[:, keep] for label in self.label.split("+")]
-        if self.with_outputs:
-            blocks.append(output_statistics(batched_logits(model, inputs, batch_size)))
-        if self.noise_levels:
-            blocks.append(prediction_instability(model, inputs, self.noise_levels, self.noise_draws,
-                                                 batch_size=batch_size).numpy())
-        return np.concatenate(blocks, axis=1)
+        return np.concatenate([block(model, inputs, batch_size=batch_size) for _, block in self.signature_blocks()],
+                              axis=1)
+
+
+def _logit_statistics(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+    return output_statistics(batched_logits(model, inputs, batch_size))
+
+
+def _instability(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64, levels: tuple[float, ...],
+                 draws: int) -> np.ndarray:
+    return prediction_instability(model, inputs, levels, draws, batch_size=batch_size).numpy()
 
 
 @register_detector
