@@ -76,3 +76,20 @@ def test_the_criterion_on_logits_by_hand(model):
     assert attack.is_adversarial(logits, labels).tolist() == [0.0, 1.0, 0.0]  # margins -2, 2.5, 1
     attack.set_mode_targeted_by_function(lambda inputs, labels: labels)
     assert attack.is_adversarial(logits, torch.tensor([1, 1, 1])).tolist() == [0.0, 1.0, 0.0]
+
+
+def test_without_the_early_stop_every_step_runs_and_no_example_grows(model, data):
+    """Same search, only longer: each input's smallest adversarial example can only shrink."""
+    x, y = data
+    calls = []
+    counted = nn.Sequential(model)
+    counted.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    params = dict(c=10.0, kappa=0.0, steps=60, lr=0.1)
+    stopped = CW(counted, **params)(x, y)
+    n_stopped, calls[:] = len(calls), []
+    full = CW(counted, abort_early=False, **params)(x, y)
+    assert len(calls) == 60 and n_stopped < 60  # torchattacks' early stop ended the first search
+    fooled = (margins(model, stopped, y) > 0) & (margins(model, full, y) > 0)
+    assert fooled.sum() >= 20
+    distance = lambda adv: (adv - x).flatten(1).norm(dim=1)[fooled]
+    assert (distance(full) <= distance(stopped) + 1e-6).all() and (distance(full) < distance(stopped)).any()

@@ -29,7 +29,15 @@ class CW(torchattacks.CW):
         kappa (float): confidence: the logit margin an adversarial example must have. (Default: 0)
         steps (int): number of Adam steps. (Default: 50)
         lr (float): learning rate of the Adam optimizer. (Default: 0.01)
+        abort_early (bool): torchattacks' early stop, on by default: end the search when the batch's
+            total cost rose since the last check, a tenth of the steps before. ``false`` runs every
+            step, so the smallest adversarial example found can keep shrinking toward the margin.
+            (Default: True)
     """
+
+    def __init__(self, model, c=1, kappa=0, steps=50, lr=0.01, abort_early=True):
+        super().__init__(model, c=c, kappa=kappa, steps=steps, lr=lr)
+        self.abort_early = abort_early
 
     def is_adversarial(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Whether each input's logits are adversarial for ``labels`` (the targets, in targeted mode)
@@ -75,8 +83,8 @@ class CW(torchattacks.CW):
             mask = mask.view([-1] + [1] * (dim - 1))
             best_adv_images = mask * adv_images.detach() + (1 - mask) * best_adv_images
 
-            # torchattacks' early stop: the batch's cost rose since the last check, a tenth of the steps ago
-            if step % max(self.steps // 10, 1) == 0:
+            # torchattacks' early stop: the batch's cost rose since the last check, a tenth of the steps before
+            if self.abort_early and step % max(self.steps // 10, 1) == 0:
                 if cost.item() > prev_cost:
                     return best_adv_images
                 prev_cost = cost.item()
