@@ -14,8 +14,8 @@ class CW(torchattacks.CW):
     https://arxiv.org/abs/1608.04644): torchattacks' search, with the paper's success criterion.
 
     This exists because torchattacks' ``CW`` (3.5.1) uses ``kappa`` in its loss only: it keeps, for each
-    input, the smallest-L2 iterate that is *misclassified*, whatever its margin, so every adversarial
-    example it returns lies just past the decision boundary, for any ``kappa``. Carlini and Wagner's own
+    input, the smallest-L2 iterate that is *misclassified*, whatever its margin, so no ``kappa``
+    guarantees the confidence of what it returns. Carlini and Wagner's own
     code keeps an iterate only when it is adversarial with confidence ``kappa`` (for an untargeted attack:
     ``argmax(Z + kappa * onehot(y)) != y``; for a targeted one: ``argmax(Z - kappa * onehot(t)) == t``).
     This class runs torchattacks' search unchanged (same optimizer, steps, loss and early stop) and keeps
