@@ -58,11 +58,12 @@ def _photos(n: int, shape: tuple[int, ...], rng: np.random.Generator) -> torch.T
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images
-    side = 4 * max(shape[1:])
+    # crops of 4x the image side, resized down; no larger than the photos (427 x 640), for large images
+    side = min(4 * max(shape[1:]), *(min(photo.shape[:2]) for photo in photos))
     crops = []
     for _ in range(n):
         photo = photos[rng.integers(len(photos))]
-        top, left = rng.integers(photo.shape[0] - side), rng.integers(photo.shape[1] - side)
+        top, left = rng.integers(photo.shape[0] - side + 1), rng.integers(photo.shape[1] - side + 1)
         crops.append(photo[top : top + side, left : left + side])
     return _fit(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0, shape)
 

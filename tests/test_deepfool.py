@@ -135,7 +135,10 @@ def test_the_attack_cache_key_names_the_implementation(monkeypatch, tmp_path, mo
             keys.append(parts)
             return "key"
 
-        def load(self, key, like):
+        fingerprint = staticmethod(lambda model, x, y: "f")
+        budget = staticmethod(lambda name, params: None)
+
+        def load(self, key, like, budget=None):
             raise Stop
 
     info = SimpleNamespace(cache_dir=str(tmp_path), seed=0, batch_size=4, model={"sha256": "m", "num_classes": 4})

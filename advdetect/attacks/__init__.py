@@ -77,8 +77,10 @@ REAL_VALUED = frozenset({"c", "kappa", "lam", "scale", "nsig"})
 PROBE_BUDGET = {"steps": 1, "max_iterations": 1, "max_iter": 1, "n_queries": 2, "nb_iter": 1, "num_iter_set": 1,
                 "restarts": 1, "binary_search_steps": 1, "n_restarts": 1, "eot_iter": 1, "popsize": 2, "nb_sample": 2,
                 "noise_batch_size": 1}
-#: Attacks whose budget no keyword sets (AutoAttack runs four attacks of fixed length): built, not run, in the trial.
-NOT_PROBED = frozenset({"autoattack"})
+#: Attacks the trial run builds but does not run, their budget being too long to run even once. An attack whose
+#: budget no keyword sets may instead offer ``cut_budget()``, which the trial run calls before running it once
+#: (``autoattack``, whose four attacks are of fixed length, does).
+NOT_PROBED: frozenset[str] = frozenset()
 
 
 ATTACKS: dict[str, AttackEntry] = {}
