@@ -88,7 +88,7 @@ def audit(model: nn.Module | str = "default", data: tuple[torch.Tensor, torch.Te
                             device=device, batch_size=batch_size, fit_fraction=fit_fraction, fit_folds=fit_folds,
                             detectors=detectors,
                             noisy_negatives=noisy_negatives, cache_dir=cache_dir, cache=cache, **model_options)
+    checks = plan_checks(options.suite, options.detector_names())
     run_dir, document = run_audit(options, None if out is None else Path(out))
-    checks = plan_checks(options.suite)
     verdict = Verdict(tuple(evaluate(check, document) for check in checks)) if checks else None
     return AuditResult(run_dir, document, verdict)

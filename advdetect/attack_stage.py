@@ -18,9 +18,10 @@ from advdetect.cache import AttackCache, tensor_sha256
 from advdetect.distributed import current_world
 from advdetect.errors import UsageError
 from advdetect.inference import batched_logits
+from advdetect.masking import masking_symptoms, suspected
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.records import AttackRecord, derive_seed
-from advdetect.robustness import robust_accuracy
+from advdetect.robustness import robust_accuracy, threat_model
 from advdetect.rundir import cell_paths, read_run, sample_arrays, update_run
 from advdetect.storage import save_arrays, write_json
 from advdetect.records import AttackCell
@@ -103,6 +104,7 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
     x, y = torch.from_numpy(sample["x"][correct]), torch.from_numpy(sample["y"][correct])
     cache = AttackCache(Path(info.cache_dir)) if info.cache_dir else None
     inputs_sha256, computes = tensor_sha256(x, y), logits_sha256(sample["logits"][correct])
+    fingerprint = cache.fingerprint(model, x, y) if cache else None  # what the model's gradients look like
     device = next(model.parameters()).device
     world = current_world()
     started, records, hits = time.perf_counter(), [], 0
@@ -114,9 +116,10 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
         key = (cache.key(model=info.model["sha256"], logits=computes, inputs=inputs_sha256, attack=cell.attack_name,
                          implementation="{0.__module__}.{0.__qualname__}".format(get_attack(cell.attack_name).factory),
                          params=params, seed=seed, seeding="per-chunk", batch_size=info.batch_size,
-                         device=device.type) if cache else "")
+                         device=device.type, fingerprint=fingerprint) if cache else "")
         # rank 0's cache decides for every rank, so that all of them attack, or none
-        adversarial = world.from_main(cache.load(key, x) if cache and world.is_main else None)
+        adversarial = world.from_main(cache.load(key, x, budget=cache.budget(cell.attack_name, params))
+                                      if cache and world.is_main else None)
         if adversarial is None:
             adversarial, params = attack_cell(model, cell, x, y, num_classes=info.model["num_classes"],
                                               seed=seed, batch_size=info.batch_size)
@@ -132,10 +135,35 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
         save_arrays(arrays_path, source_index=correct, x_adv=adversarial.numpy(), pred=pred.numpy(), fooled=fooled)
         write_json(record_path, record.to_dict())
         records.append(record)
+    if world.is_main:
+        write_json(run_dir / MASKING_JSON, check_masking(model, cells, x, y, info.seed, info.batch_size))
     update_run(run_dir, ("attack", time.perf_counter() - started), attack_cache_hits=hits if cache else None)
     if cache:
         log.info("%d of %d attack cells came from the cache in %s", hits, len(cells), cache.root)
     return records
+
+
+#: Correctly classified inputs the gradient-masking checks run on, and their budget when the suite
+#: has no Linf attack with an ``eps`` axis.
+MASKING_INPUTS = 32
+MASKING_DEFAULT_EPS = 8 / 255
+MASKING_JSON = "masking.json"
+
+
+def check_masking(model: nn.Module, cells: list[AttackCell], x: torch.Tensor, y: torch.Tensor, seed: int,
+                  batch_size: int) -> dict:
+    """The gradient-masking symptoms (:mod:`advdetect.masking`) on the first :data:`MASKING_INPUTS`
+    correctly classified inputs, at the median Linf ``eps`` of the suite's cells."""
+    budgets = sorted(c.strength for c in cells if c.strength_name == "eps" and 0 < c.strength <= 1
+                     and threat_model(c.attack_name, c.constructor_params()) == "Linf")
+    eps = budgets[len(budgets) // 2] if budgets else MASKING_DEFAULT_EPS
+    started = time.perf_counter()
+    symptoms = masking_symptoms(model, x[:MASKING_INPUTS], y[:MASKING_INPUTS], eps=eps,
+                                seed=derive_seed(seed, "masking"), batch_size=batch_size) if len(x) else []
+    for symptom in suspected(symptoms):
+        log.warning("gradient masking suspected: %s", symptom.detail)
+    return {"eps": eps, "n_inputs": min(len(x), MASKING_INPUTS), "seconds": round(time.perf_counter() - started, 3),
+            "symptoms": [symptom.to_dict() for symptom in symptoms]}
 
 
 def adversarial_predictions(model: nn.Module, cell: AttackCell, adversarial: torch.Tensor, batch_size: int,

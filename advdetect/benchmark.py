@@ -4,6 +4,9 @@ For each model, in one run: the per-sample loop (one backward pass per input), `
 ``vmap(grad)``, the batched closed forms of :func:`confounding_gradient_features`, and the
 floor they aim at, one batched forward and backward pass of the same loss. Reported as
 seconds and as ratios to that floor, with the largest relative deviation from the loop.
+
+``advdetect bench --adaptive``: the cost of one step of the adaptive attack (Orthogonal PGD
+through each detector's differentiable score) against one PGD step, on the embedded default.
 """
 
 from __future__ import annotations
@@ -193,4 +196,55 @@ def main(models: list[str], batch: int, repeats: int, methods: list[str], memory
     return 0
 
 
-__all__ = ["CifarResNet18", "main", "peak_memory", "run_benchmark", "vmap_features"]
+def adaptive_step_costs(detectors: list[str], batch: int, steps: int, repeats: int) -> dict[str, Any]:
+    """Seconds per step of Orthogonal PGD against each detector (fitted on FGSM examples of the
+    embedded default's test split) and of torchattacks' PGD, on ``batch`` test inputs; median of
+    ``repeats``, interleaved; each detector's ratio to the PGD step."""
+    import torchattacks
+
+    from advdetect.attacks.orthogonal_pgd import OrthogonalPGD
+    from advdetect.detectors import build_detector
+    from advdetect.embedded import default_model, test_split
+
+    model = default_model().eval()
+    x, y = test_split()
+    reference, reference_y, fit_x, fit_y, x, y = x[:256], y[:256], x[256:320], y[256:320], x[320 : 320 + batch], \
+        y[320 : 320 + batch]
+    fitted = {}
+    for name in detectors:
+        detector = build_detector(name).prepare(model, reference, reference_y)
+        adversarial = torchattacks.FGSM(model, eps=0.1)(fit_x, fit_y)
+        if detector.uses_adversarial:
+            detector.fit(detector.signatures(model, fit_x), detector.signatures(model, adversarial))
+        else:
+            detector.fit(detector.signatures(model, reference))
+        fitted[name] = detector
+    attacks: dict[str, Callable[[], Any]] = {
+        "pgd": lambda: torchattacks.PGD(model, eps=0.1, alpha=0.01, steps=steps)(x, y)}
+    for name, detector in fitted.items():
+        attacks[name] = lambda d=detector: OrthogonalPGD(model, eps=0.1, alpha=0.01, steps=steps,
+                                                         score=lambda inputs: d.torch_scores(model, inputs))(x, y)
+    seconds: dict[str, list[float]] = {name: [] for name in attacks}
+    for _ in range(repeats):
+        for name, run in attacks.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append((time.perf_counter() - start) / steps)
+    per_step = {name: statistics.median(values) for name, values in seconds.items()}
+    return {"batch": len(x), "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
+            "seconds_per_step": per_step, "ratio_to_pgd_step": {n: s / per_step["pgd"] for n, s in per_step.items()},
+            "gradient": {name: detector.gradient_kind for name, detector in fitted.items()}}
+
+
+def format_adaptive(report: dict[str, Any]) -> str:
+    lines = [f"adaptive attack step on the embedded default: batch {report['batch']}, {report['steps']} steps, "
+             f"median of {report['repeats']}, {report['threads']} threads",
+             f"  {'attack':<32}{'s/step':>9}{'x PGD step':>12}  gradient"]
+    for name, seconds in report["seconds_per_step"].items():
+        label = "PGD (no detector)" if name == "pgd" else f"Orthogonal PGD vs {name}"
+        lines.append(f"  {label:<32}{seconds:>9.4f}{report['ratio_to_pgd_step'][name]:>11.2f}x  "
+                     f"{report['gradient'].get(name, '')}")
+    return "\n".join(lines)
+
+
+__all__ = ["CifarResNet18", "adaptive_step_costs", "main", "peak_memory", "run_benchmark", "vmap_features"]

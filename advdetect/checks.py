@@ -1,8 +1,16 @@
 """Audits as tests: the suite's thresholds, checked against an audit's results.
 
 One check per attack x strength cell and thresholded metric, named like a pytest node:
-``SUITE::attack[strength]::metric``. A cell whose metric could not be measured (too few
-adversarial examples to fit or score a detector) is skipped, with the reason.
+``SUITE::attack[strength]::metric``; one per adaptive cell for ``max_undetected_success_rate``;
+and, with any robustness threshold, ``SUITE::gradient_masking::robustness``, which fails when the
+audit's gradient-masking checks saw a symptom (a robustness number that gradient attacks cannot
+be trusted to have measured is no pass).
+
+The gate's one rule, for ``advdetect check``, the Python API and the pytest plugin alike: a
+threshold that cannot be evaluated is a usage error before any work (:func:`plan_checks` with the
+run's detectors) or, found after it, a failure; never a pass. A cell whose metric could not be
+measured because the attack fooled too few inputs to fit or score a detector is skipped, with the
+reason, as pytest skips.
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
 
-from advdetect.records import cell_key
+from advdetect.errors import UsageError
+from advdetect.records import ADAPTIVE, cell_key
 
 PASSED, FAILED, SKIPPED = "PASSED", "FAILED", "SKIPPED"
 PROTOCOL = "seen"
@@ -25,7 +34,9 @@ class Check:
     attack: str
     cell_key: str
     strength: float
-    metric: str  # "auroc" (of ``detector``) or "attack_success_rate"
+    #: "auroc" (of ``detector``), "attack_success_rate", "undetected_success_rate" (of ``detector``,
+    #: adaptive rows) or "robustness" (the gradient-masking checks)
+    metric: str
     threshold: float
     detector: str | None = None
 
@@ -46,9 +57,17 @@ class Outcome:
         return f"{self.check.nodeid} {self.status} ({self.message})"
 
 
-def plan_checks(suite: Any) -> list[Check]:
-    """The checks of a :class:`~advdetect.suite.Suite`'s thresholds."""
-    return plan_from_document(suite.to_dict(), suite.name)
+def plan_checks(suite: Any, detectors: Any = None) -> list[Check]:
+    """The checks of a :class:`~advdetect.suite.Suite`'s thresholds; with the run's ``detectors``,
+    a :class:`UsageError` when a threshold names a detector the run will not run."""
+    checks = plan_from_document(suite.to_dict(), suite.name)
+    if detectors is not None:
+        missing = sorted({c.detector for c in checks if c.detector and c.detector not in detectors})
+        if missing:
+            raise UsageError(f"the thresholds of suite {suite.name!r} check detector(s) {', '.join(missing)}, which "
+                             f"this audit does not run, so they could never pass; run them (--detectors) or set "
+                             f"thresholds.detector")
+    return checks
 
 
 def plan_from_document(document: dict[str, Any], suite_name: str) -> list[Check]:
@@ -68,6 +87,13 @@ def plan_from_document(document: dict[str, Any], suite_name: str) -> list[Check]
             if limits.get("min_auroc") is not None:
                 checks.append(Check(suite_name, attack["id"], key, strength, "auroc", float(limits["min_auroc"]),
                                     limits.get("detector") or DEFAULT_THRESHOLD_DETECTOR))
+    adaptive = document.get("adaptive")
+    if adaptive and top.get("max_undetected_success_rate") is not None:
+        checks.append(Check(suite_name, ADAPTIVE, cell_key(ADAPTIVE, "eps", adaptive["eps"]), adaptive["eps"],
+                            "undetected_success_rate", float(top["max_undetected_success_rate"]),
+                            top.get("detector") or DEFAULT_THRESHOLD_DETECTOR))
+    if any(c.metric == "attack_success_rate" for c in checks):
+        checks.append(Check(suite_name, "gradient_masking", "gradient_masking", 0.0, "robustness", 0.0))
     return checks
 
 
@@ -83,6 +109,19 @@ def verdict(checks: list[Check], results: dict[str, Any]) -> dict[str, Any] | No
 
 
 def evaluate(check: Check, results: dict[str, Any]) -> Outcome:
+    if check.metric == "robustness":
+        return _masking(check, results.get("gradient_masking"))
+    if check.metric == "undetected_success_rate":
+        row = next((r for r in results["results"] if r["protocol"] == ADAPTIVE and r["detector"] == check.detector
+                    and r["strength"] == check.strength), None)
+        if row is None or row.get("undetected_success_rate") is None:
+            return Outcome(check, FAILED, None, f"no adaptive result for {check.detector}, so the threshold cannot be "
+                                                f"evaluated")
+        value = row["undetected_success_rate"]
+        ok = value <= check.threshold
+        return Outcome(check, PASSED if ok else FAILED, value,
+                       f"{check.detector} lets {value:.3f} of attacked inputs through against an adaptive attacker, "
+                       f"{'<=' if ok else '>'} {check.threshold:g}")
     if check.metric == "attack_success_rate":
         record = next(a for a in results["attacks"] if a["attack"] == check.attack and a["strength"] == check.strength)
         value = record["attack_success_rate"]
@@ -93,13 +132,24 @@ def evaluate(check: Check, results: dict[str, Any]) -> Outcome:
     row = next((r for r in results["results"] if r["attack"] == check.attack and r["strength"] == check.strength
                 and r["detector"] == check.detector and r["protocol"] == PROTOCOL), None)
     if row is None:
-        return Outcome(check, SKIPPED, None, f"detector {check.detector} did not run")
+        return Outcome(check, FAILED, None, f"detector {check.detector} did not run, so the threshold cannot be evaluated")
     if row["auroc"] is None:
         return Outcome(check, SKIPPED, None, row["reason"])
     value = row["auroc"]
     ok = value >= check.threshold
     return Outcome(check, PASSED if ok else FAILED, value,
                    f"{check.detector} {value:.3f} {'>=' if ok else '<'} {check.threshold:g}")
+
+
+def _masking(check: Check, masking: dict[str, Any] | None) -> Outcome:
+    """Gradient masking (Athalye, Carlini and Wagner 2018): a robustness pass needs its checks run and quiet."""
+    if not masking:
+        return Outcome(check, FAILED, None, "robustness unverified: the gradient-masking checks did not run")
+    observed = [s for s in masking["symptoms"] if s["observed"]]
+    if observed:
+        return Outcome(check, FAILED, float(len(observed)), "robustness unverified: gradient masking suspected: "
+                       + "; ".join(f"{s['name']} ({s['detail']})" for s in observed))
+    return Outcome(check, PASSED, 0.0, f"no gradient-masking symptom in {len(masking['symptoms'])} checks")
 
 
 def outcome_dict(outcome: Outcome) -> dict[str, Any]:

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "attack cache, and print each stage's, attack's and detector's seconds and how "
                                 "they grow with n.")
     bench.add_argument("--audit", action="store_true", help="time a whole audit at each of --sizes instead")
+    bench.add_argument("--adaptive", metavar="DETECTORS", nargs="?", const="confounding_gradient,msp,mahalanobis",
+                       help="time one step of the adaptive attack against each of these detectors (comma-separated; "
+                            "default %(const)s) beside one PGD step, on the embedded default, instead")
     bench.add_argument("--sizes", type=argparse_type(positive_ints), default=[64, 128, 256],
                        help="with --audit: comma-separated numbers of audited inputs (default: 64,128,256)")
     add_audit_arguments(bench)
@@ -239,13 +242,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     options = audit_options(args)
-    checks = plan_checks(options.suite)
+    checks = plan_checks(options.suite, options.detector_names())
     if not checks:
         raise UsageError(f"suite {options.suite.name!r} has no thresholds to check; add a [thresholds] table "
                          f"with min_auroc and/or max_attack_success_rate")
-    missing = sorted({c.detector for c in checks if c.detector and c.detector not in options.detector_names()})
-    if missing:
-        raise UsageError(f"the thresholds check detector(s) {', '.join(missing)}, which --detectors does not run")
     if args.junitxml:
         check_writable_file(args.junitxml, "--junitxml")
     main_rank = _join_world(options)
@@ -410,6 +410,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("bench --audit writes no run folder (it audits in a temporary one); drop --out")
     if args.audit and args.n is not None:
         raise UsageError("bench --audit audits each of --sizes inputs; give the sizes there and drop --n")
+    if args.adaptive is not None and args.audit:
+        raise UsageError("bench --adaptive and --audit measure different things; give one")
+    if args.adaptive is not None:
+        from advdetect.benchmark import adaptive_step_costs, format_adaptive
+        from advdetect.detectors import DETECTORS
+
+        names = [n.strip() for n in args.adaptive.split(",") if n.strip()]
+        unknown = [n for n in names if n not in DETECTORS]
+        if unknown or not names:
+            raise UsageError(f"bench --adaptive: unknown detector(s) {', '.join(unknown) or '(none given)'}; valid: "
+                             f"{', '.join(sorted(DETECTORS))}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = adaptive_step_costs(names, args.batch, steps=5, repeats=args.repeats)
+        print(json.dumps(report, indent=2) if args.json else format_adaptive(report))
+        return ExitCode.OK
     if args.audit:
         from advdetect.scaling import format_report, measure
 

@@ -27,7 +27,6 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector
+from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector, suite_variants
 from advdetect.distributed import current_world
 from advdetect.errors import Unavailable
 from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.records import PROTOCOLS, AttackRecord, ResultRow, RunInfo, derive_seed
+from advdetect.splits import fit_rounds
 from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, read_run, reference_arrays, sample_arrays, set_stage, \
     update_run
 from advdetect.storage import save_arrays, write_json
@@ -213,6 +213,8 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
         return row, {}
     for metric, value in detection_metrics(clean_scores, adversarial_scores).items():
         setattr(row, metric, value)
+    if record.attack_success_rate is not None:  # fooled, times the share of the fooled that pass
+        row.undetected_success_rate = record.attack_success_rate * (1 - row.tpr_at_5fpr)  # type: ignore[operator]
     row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(
         clean_scores, adversarial_scores, seed=derive_seed(info.seed, "bootstrap", record.key, name, protocol))
     return row, {f"{protocol}__{name}__clean": clean_scores, f"{protocol}__{name}__adversarial": adversarial_scores}
@@ -228,26 +230,6 @@ def write_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord], r
     key_of = {(r.attack, r.strength): r.key for r in records}
     rows.sort(key=lambda row: order[(key_of[(row.attack, row.strength)], row.detector, row.protocol)])
     write_json(run_dir / "detection.json", [row.to_dict() for row in rows])
-
-
-def calibration_split(info: RunInfo, n: int) -> np.ndarray:
-    """Which of the ``n`` correctly classified inputs calibrate the detectors (the rest test them)."""
-    calibration = np.zeros(n, dtype=bool)
-    order = np.random.default_rng(derive_seed(info.seed, "calibration")).permutation(n)
-    calibration[order[: math.ceil(info.fit_fraction * n)]] = True
-    return calibration
-
-
-def fit_rounds(info: RunInfo, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit, test) masks over the ``n`` correctly classified inputs: one round, the calibration
-    split; or, with ``fit_folds`` K, one round per fold, which it tests and the others fit."""
-    if not info.fit_folds:
-        calibration = calibration_split(info, n)
-        return [(calibration, ~calibration)]
-    order = np.random.default_rng(derive_seed(info.seed, "folds")).permutation(n)
-    fold = np.empty(n, dtype=int)
-    fold[order] = np.arange(n) % info.fit_folds
-    return [(fold != k, fold == k) for k in range(info.fit_folds)]
 
 
 def unseen_source(records: list[AttackRecord]) -> AttackRecord:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "tnr_at_95tpr", "detection_accuracy")
+METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "tnr_at_95tpr", "detection_accuracy", "tpr_at_5fpr")
+#: The false-positive rate at which ``tpr_at_5fpr`` and the adaptive protocol's threshold are set.
+FPR_BUDGET = 0.05
 
 
 def detection_metrics(clean_scores: np.ndarray, adversarial_scores: np.ndarray) -> dict[str, float]:
@@ -32,7 +34,17 @@ def detection_metrics(clean_scores: np.ndarray, adversarial_scores: np.ndarray) 
         "fpr_at_95tpr": fpr_at_95tpr,
         "tnr_at_95tpr": 1.0 - fpr_at_95tpr,
         "detection_accuracy": float(np.max(0.5 * (tpr + 1.0 - fpr))),
+        "tpr_at_5fpr": float(tpr[np.searchsorted(fpr, FPR_BUDGET, side="right") - 1]),
     }
+
+
+def threshold_at_fpr(clean_scores: np.ndarray, fpr: float = FPR_BUDGET) -> float:
+    """The lowest threshold that flags (score >= threshold) at most ``fpr`` of ``clean_scores``."""
+    ordered = np.sort(np.asarray(clean_scores, dtype=np.float64).ravel())[::-1]
+    allowed = int(np.floor(fpr * len(ordered)))  # this many clean inputs may be flagged
+    if allowed >= len(ordered):
+        return -np.inf
+    return float(np.nextafter(ordered[allowed], np.inf))
 
 
 def bootstrap_auroc_ci(clean_scores: np.ndarray, adversarial_scores: np.ndarray, *, seed: int = 0,

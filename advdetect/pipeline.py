@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from advdetect.adaptive_stage import adaptive_stage
 from advdetect.attack_stage import attack_stage
 from advdetect.cache import tensor_sha256
 from advdetect.detect_stage import detect_stage
@@ -53,7 +54,8 @@ class Position:
     def describe(self) -> str:
         where = f"the {self.stage} stage"
         if self.item:
-            noun, unit = {"attack": ("cell ", "cells"), "ood": ("set ", "sets")}.get(self.stage, ("", "rows"))
+            noun, unit = {"attack": ("cell ", "cells"), "ood": ("set ", "sets"),
+                          "adaptive": ("detector ", "detectors")}.get(self.stage, ("", "rows"))
             where += f", {noun}{self.item} ({self.done} of {self.total} {unit} done)"
         return where
 
@@ -126,6 +128,7 @@ def _stages(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: lis
         records = attack_stage(run_dir, prepared.loaded.module, options.suite.cells(), progress)
     set_stage(run_dir, "attack", COMPLETE)
     detect_stage(run_dir, prepared.loaded.module, records, progress)
+    adaptive_stage(run_dir, prepared.loaded.module, records, progress)
     if not current_world().is_main:
         return {"timings": read_run(run_dir).timings}  # rank 0 writes the report
     progress("report")
@@ -164,12 +167,13 @@ def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: l
 
 
 def rerun_detection(run_dir: Path) -> dict[str, Any]:
-    """``advdetect detect``: the detect stage and the report again, on a finished attack stage."""
+    """``advdetect detect``: the detect and adaptive stages and the report again, on a finished attack stage."""
     info = read_run(run_dir)
     with locked(run_dir):
         records = read_attack_records(run_dir, info)
         model = reload_model(run_dir, info)
         detect_stage(run_dir, model, records)
+        adaptive_stage(run_dir, model, records)
         return write_report(run_dir)
 
 

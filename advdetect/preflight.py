@@ -20,7 +20,7 @@ from torch import nn
 from advdetect.attack_stage import SeededRNG, resolved_params
 from advdetect.attacks import NOT_PROBED, get_attack
 from advdetect.datasets import DataOptions, DataSample, load_data, sample_tensors
-from advdetect.detectors import DETECTORS, build_detector
+from advdetect.detectors import DETECTORS, Detector, build_detector
 from advdetect.errors import UsageError, first_line
 from advdetect.inference import batched_logits, select_device
 from advdetect.models import Dataset, LoadedModel, ModelOptions, ThreatModel, load_model, wrap_model
@@ -88,6 +88,9 @@ def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | No
     """:class:`AuditOptions` from plain values, as the command line, the pytest plugin and the
     Python API give them; bad values raise :class:`UsageError`."""
     loaded_suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    # one string is a comma-separated list, as on the command line (never a sequence of letters)
+    attacks = [a for a in attacks.split(",") if a] if isinstance(attacks, str) else attacks
+    detectors = [d for d in detectors.split(",") if d] if isinstance(detectors, str) else detectors
     if attacks:
         loaded_suite = loaded_suite.select(list(attacks))
     for name, values in (("--mean", mean), ("--std", std)):
@@ -243,6 +246,7 @@ def prepare(options: AuditOptions) -> Prepared:
     check_seed(options.seed)
     variants = options.suite.detectors
     detectors = [build_detector(name, variants) for name in options.detector_names()]
+    check_adaptive(options, detectors)
     device = check_device(options.device)
     if options.n is not None and options.n < 1:
         raise UsageError(f"--n must be at least 1; got {options.n}")
@@ -285,6 +289,23 @@ def prepare(options: AuditOptions) -> Prepared:
     return Prepared(loaded, sample, device, logits)
 
 
+def check_adaptive(options: AuditOptions, detectors: list[Detector]) -> None:
+    """The suite's adaptive protocol names detectors the run has, each with a differentiable score."""
+    adaptive = options.suite.adaptive
+    if adaptive is None:
+        return
+    names = options.detector_names()
+    missing = [name for name in adaptive.detectors if name not in names]
+    if missing:
+        raise UsageError(f"the suite's [adaptive] table names detector(s) {', '.join(missing)}, which this audit does "
+                         f"not run; run them (--detectors) or drop them from the table")
+    for name, detector in zip(names, detectors):
+        if (not adaptive.detectors or name in adaptive.detectors) and \
+                type(detector).torch_scores is Detector.torch_scores:
+            raise UsageError(f"detector {name} has no differentiable score, so the adaptive protocol cannot attack "
+                             f"it; leave it out of [adaptive] detectors")
+
+
 def probe_attacks(model: nn.Module, cells: list[AttackCell], x: torch.Tensor, y: torch.Tensor, *,
                   num_classes: int, seed: int) -> None:
     """Build every cell's attack on the model and run it on one input with its iteration budget
@@ -297,6 +318,8 @@ def probe_attacks(model: nn.Module, cells: list[AttackCell], x: torch.Tensor, y:
             attack = entry.build(model, **(params if entry.name in NOT_PROBED else entry.probe_params(params)))
             if entry.name in NOT_PROBED:
                 continue
+            if callable(getattr(attack, "cut_budget", None)):  # a budget no keyword sets (autoattack)
+                attack.cut_budget()
             with SeededRNG(seed, device):
                 adversarial = attack(x.to(device), y.to(device))
         except UsageError:

@@ -95,7 +95,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         values, _ = resolve({option.name: config.getoption(f"advdetect_{option.name}") for option in AUDIT_OPTIONS})
         out = values.pop("out")
         options = build_options(**values)
-        checks = plan_checks(options.suite)
+        checks = plan_checks(options.suite, options.detector_names())
     except UsageError as exc:
         raise pytest.UsageError(f"advdetect: {exc}") from None
     if not checks:

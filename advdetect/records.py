@@ -14,7 +14,10 @@ from typing import Any, Union
 
 RESULTS_SCHEMA = 1
 #: Detection protocols, in the order results list them (see :mod:`advdetect.detect_stage`).
-PROTOCOLS = ("seen", "unseen", "oneclass")
+PROTOCOLS = ("seen", "unseen", "oneclass", "adaptive")
+#: The protocol of rows measured against an attacker who optimizes against the detector
+#: (:mod:`advdetect.adaptive_stage`).
+ADAPTIVE = "adaptive"
 #: The kind (and pseudo-attack name) of an out-of-distribution cell.
 OOD = "ood"
 
@@ -174,6 +177,8 @@ class RunInfo(Record):
     #: seconds of the detect stage spent on each detector: preparing, signatures, fitting and
     #: scoring; a signature shared by several detectors is charged to the first that needs it
     detector_timings: dict[str, float] = field(default_factory=dict)
+    #: seconds of the adaptive stage spent on each detector (refit, attack, scoring)
+    adaptive_timings: dict[str, float] = field(default_factory=dict)
     #: (key, slug) of every cell, in suite order: the attack cells, or an OOD run's sets
     cells: list[list[str]] = field(default_factory=list)
     #: each stage's state, "running" or "complete": a report needs a complete detect stage
@@ -286,15 +291,28 @@ class ResultRow(Record):
     fpr_at_95tpr: float | None = None
     tnr_at_95tpr: float | None = None
     detection_accuracy: float | None = None
+    #: share of the adversarial inputs flagged at the threshold that flags 5% of clean inputs
+    tpr_at_5fpr: float | None = None
+    #: share of the attacked inputs that the attack fooled and the detector, at that threshold,
+    #: let through: what an attacker gets past classifier and detector together
+    undetected_success_rate: float | None = None
     negatives: str = "clean"
     reason: str | None = None
     detector_params: dict[str, Any] = field(default_factory=dict)
+    #: adaptive rows only: the same measures for the oblivious attack of the same budget on the
+    #: same test inputs, at the same threshold
+    oblivious_auroc: float | None = None
+    oblivious_tpr_at_5fpr: float | None = None
+    oblivious_undetected_success_rate: float | None = None
+    oblivious_attack_success_rate: float | None = None
 
     def check(self) -> None:
         if min(self.n_clean, self.n_adv, self.n_fit) < 0:
             raise ValueError("a count (n_clean, n_adv, n_fit) is negative")
         _fractions(self, ("attack_success_rate", "auroc", "auroc_ci_low", "auroc_ci_high", "aupr_in", "aupr_out",
-                          "fpr_at_95tpr", "tnr_at_95tpr", "detection_accuracy"))
+                          "fpr_at_95tpr", "tnr_at_95tpr", "detection_accuracy", "tpr_at_5fpr",
+                          "undetected_success_rate", "oblivious_auroc", "oblivious_tpr_at_5fpr",
+                          "oblivious_undetected_success_rate", "oblivious_attack_success_rate"))
         if self.auroc is None and not self.reason:
             raise ValueError("a row without AUROC gives no reason")
         if None not in (self.auroc, self.auroc_ci_low, self.auroc_ci_high) and not \

@@ -19,11 +19,11 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from advdetect.checks import plan_from_document, verdict  # noqa: E402
 from advdetect.history import trend  # noqa: E402
-from advdetect.records import PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
+from advdetect.records import ADAPTIVE, PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
     derive_seed, display_strength  # noqa: E402
 from advdetect.robustness import robust_accuracy, worst_case  # noqa: E402
-from advdetect.rundir import MANIFEST, cell_fooled, cell_paths, read_arrays, read_attack_records, read_detection, \
-    read_run, read_scores, sample_arrays, update_run  # noqa: E402
+from advdetect.rundir import MANIFEST, cell_fooled, cell_paths, read_adaptive, read_arrays, read_attack_records, \
+    read_detection, read_masking, read_run, read_scores, sample_arrays, update_run  # noqa: E402
 from advdetect.report_pdf import write_pdf  # noqa: E402
 from advdetect.storage import write_bytes, write_json  # noqa: E402
 
@@ -67,9 +67,11 @@ def load_cells(run_dir: Path) -> tuple[RunInfo, list[Cell]]:
     return info, cells
 
 
-def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """``results.json``: what was audited, every cell's record, every result row, the per-input worst
-    case of robust accuracy per threat model and strength, and the verdict of the suite's thresholds."""
+def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dict[str, Any]] | None = None,
+                     adaptive: list[ResultRow] | None = None, masking: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``results.json``: what was audited, every cell's record, every result row (the adaptive
+    protocol's last), the per-input worst case of robust accuracy per threat model and strength, and
+    the verdict of the suite's thresholds."""
     document = {
         "schema": RESULTS_SCHEMA,
         "clean_accuracy": info.clean_accuracy,
@@ -85,8 +87,10 @@ def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dic
         "timings": info.timings,
         "detector_timings": info.detector_timings,
         "attacks": [cell.record.to_dict() for cell in cells],
-        "results": [row.to_dict() for cell in cells for row in cell.rows],
+        "results": [row.to_dict() for cell in cells for row in cell.rows] + [row.to_dict() for row in adaptive or []],
+        "adaptive_timings": info.adaptive_timings,
         "robust_accuracy": robust_accuracy or [],
+        "gradient_masking": masking,
     }
     document["verdict"] = verdict(plan_from_document(info.suite.get("document", {}), info.suite["name"]), document)
     return document
@@ -296,6 +300,8 @@ def comparison_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
     ``rows`` hold (value, is_best) per cell, best per column marked."""
     tables = []
     for protocol in PROTOCOLS:
+        if protocol == ADAPTIVE:  # its own section: one budget, beside the oblivious attack
+            continue
         detectors, aurocs = _aurocs(document, protocol)
         if not detectors:
             continue
@@ -374,6 +380,13 @@ def finding_lines(document: dict[str, Any]) -> list[tuple[str, str]]:
                       f"{display_strength(bucket['strength'])}",
                       f"{bucket['robust_accuracy']:.3f} [{bucket['robust_accuracy_ci_low']:.3f}, "
                       f"{bucket['robust_accuracy_ci_high']:.3f}], worst case over {', '.join(bucket['attacks'])}"))
+    masking = document.get("gradient_masking")
+    if masking:
+        observed = [s for s in masking["symptoms"] if s["observed"]]
+        lines.append(("gradient masking", "suspected, so the robustness numbers are unverified: " + "; ".join(
+            s["detail"] for s in observed) if observed else
+            f"no symptom in {len(masking['symptoms'])} checks on {masking['n_inputs']} inputs at Linf eps "
+            f"{display_strength(masking['eps'])}"))
     worst = findings["hurts_most"]
     if worst is not None:
         lines.append(("hurts most", f"{worst['key']}: robust accuracy {worst['robust_accuracy']:.3f}, "
@@ -382,7 +395,74 @@ def finding_lines(document: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append((f"best detector, {attack}", "; ".join(
             f"{protocol}: {name} (mean AUROC {value:.3f}{', below chance' if value < 0.5 else ''})"
             for protocol, (name, value) in protocols.items())))
+    adaptive = [r for r in document["results"] if r["protocol"] == ADAPTIVE]
+    if adaptive:
+        measured = [r for r in adaptive if r["undetected_success_rate"] is not None]
+        best = min(measured, key=lambda r: r["undetected_success_rate"], default=None)
+        collapsed = [r["detector"] for r in adaptive if r["tpr_at_5fpr"] is not None and r["tpr_at_5fpr"] < COLLAPSE]
+        text = "" if best is None else (
+            f"best {best['detector']}: {_pct(best['undetected_success_rate'])} of attacked inputs get past classifier "
+            f"and detector (oblivious attack: {_pct(best['oblivious_undetected_success_rate'])})")
+        if collapsed:
+            text += f"; collapse (flag under {COLLAPSE:.0%} at 5% FPR): {', '.join(collapsed)}"
+        lines.append((f"detection against an adaptive attacker, {adaptive[0]['strength_name']}="
+                      f"{display_strength(adaptive[0]['strength'])}", text or "no detector was measured"))
     return lines
+
+
+#: A detector that flags fewer than this share of the adaptive attack's examples at 5% FPR has collapsed.
+COLLAPSE = 0.1
+
+
+def adaptive_view(info: RunInfo, rows: list[ResultRow], scores: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """The section "Against an attacker who knows the detector": per detector, oblivious against
+    adaptive TPR at 5% FPR, undetected success and AUROC, and both ROC curves overlaid."""
+    if not rows:
+        return None
+    spec = info.suite["document"]["adaptive"]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    table = [{"detector": r.detector, "collapsed": r.tpr_at_5fpr is not None and r.tpr_at_5fpr < COLLAPSE,
+              "cells": [pct(r.oblivious_tpr_at_5fpr), pct(r.tpr_at_5fpr), pct(r.oblivious_undetected_success_rate),
+                        pct(r.undetected_success_rate),
+                        "-" if r.oblivious_auroc is None else f"{r.oblivious_auroc:.3f}",
+                        "-" if r.auroc is None else f"{r.auroc:.3f}", str(r.detector_params.get("gradient", ""))]}
+             for r in rows]
+    columns = 4
+    lines = -(-len(rows) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.0 * columns, 2.9 * lines), squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        clean = scores[f"{row.detector}__clean"]
+        for name, key, style in (("oblivious", "oblivious", "--"), ("adaptive", "adversarial", "-")):
+            adversarial = scores[f"{row.detector}__{key}"]
+            if len(clean) and len(adversarial):
+                fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
+                ax.plot(fpr, tpr, style, label=name)
+        ax.axvline(0.05, color="#999999", lw=0.6)
+        ax.plot([0, 1], [0, 1], ":", color="#bbbbbb", lw=0.6)
+        ax.set_title(row.detector, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.supxlabel("false-positive rate (clean inputs flagged)", fontsize=8)
+    fig.supylabel("true-positive rate", fontsize=8)
+    fig.tight_layout()
+    collapsed = [t["detector"] for t in table if t["collapsed"]]
+    return {"header": ["detector", "TPR@5%FPR oblivious", "TPR@5%FPR adaptive", "undetected success oblivious",
+                       "undetected success adaptive", "AUROC oblivious", "AUROC adaptive", "gradient"],
+            "rows": table, "png": _png(fig), "collapsed": collapsed,
+            "note": (f"{spec['method'].capitalize()} PGD ({spec['norm']}, eps {display_strength(spec['eps'])}, "
+                     f"{spec['steps']} steps) against each detector with its threshold set to flag 5% of the clean "
+                     f"calibration inputs, beside the suite's oblivious {spec['attack']} at the same budget on the same "
+                     f"test inputs. Undetected success: the share of attacked inputs that are misclassified and not "
+                     f"flagged. Adaptive examples are scored by each detector's own scores, not the differentiable "
+                     f"stand-in the attacker used (gradient: exact, or bpda, eot, surrogate where a step is not "
+                     f"differentiable).")
+            + (f" Collapsed (flags under {COLLAPSE:.0%} of adaptive examples at 5% FPR): {', '.join(collapsed)}."
+               if collapsed else " No detector collapsed.")}
 
 
 def _plotted(cell: Cell, protocol: str = "seen") -> bool:
@@ -447,10 +527,10 @@ ROBUST_NOTE = ("Robust accuracy is the share of all audited inputs that the mode
 
 
 def report_view(info: RunInfo, cells: list[Cell], document: dict[str, Any], trend: dict[str, Any] | None,
-                thumbnails: dict[str, Thumbnails]) -> dict[str, Any]:
+                thumbnails: dict[str, Thumbnails], adaptive: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the report shows, once, for the HTML template and the PDF layout alike."""
     header, table = summary_table(document)
-    return {"header_items": header_items(info), "header": header, "table": table,
+    return {"adaptive": adaptive, "header_items": header_items(info), "header": header, "table": table,
             "sections": report_sections(info, cells, thumbnails), "trend": trend,
             "comparisons": comparison_tables(document), "verdict": verdict_view(document),
             "findings": finding_lines(document), "reading_note": READING_NOTE, "robust_note": ROBUST_NOTE}
@@ -465,12 +545,15 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     """Write ``report.pdf``, ``report.html`` and ``results.json``; returns the results document."""
     started = time.perf_counter()
     info, cells = load_cells(run_dir)
+    adaptive_rows, adaptive_scores = read_adaptive(run_dir, info)
     sample = sample_arrays(run_dir)
-    document = results_document(info, cells, worst_case_robustness(run_dir, cells, sample))
+    document = results_document(info, cells, worst_case_robustness(run_dir, cells, sample), adaptive_rows,
+                                read_masking(run_dir))
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
     thumbnails = attack_thumbnails(run_dir, info, cells, sample)
     with matplotlib.rc_context(LITERAL_TEXT):
-        view = report_view(info, cells, document, run_trend, thumbnails)
+        view = report_view(info, cells, document, run_trend, thumbnails,
+                           adaptive_view(info, adaptive_rows, adaptive_scores))
     write_pdf(run_dir / "report.pdf", view)
     write_html(run_dir / "report.html", view)
     info = update_run(run_dir, ("report", time.perf_counter() - started))

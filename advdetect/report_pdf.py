@@ -106,6 +106,8 @@ def _contents(view: dict[str, Any]) -> list[Flowable]:
     entries = [("verdict", "Verdict"), ("key-numbers", "Key numbers"), ("run", "The run"), ("summary", "Summary"),
                ("comparison", "Detector comparison")]
     entries += [(f"protocol-{t['protocol']}", f"    protocol {t['protocol']}") for t in view["comparisons"]]
+    if view.get("adaptive"):
+        entries.append(("adaptive", "Against an attacker who knows the detector"))
     if view["trend"]:
         entries.append(("trend", "Trend"))
     entries += [(f"attack-{s['attack']}", f"Attack {s['attack']}") for s in view["sections"]]
@@ -145,6 +147,23 @@ def _comparisons(view: dict[str, Any]) -> list[Flowable]:
         flow += [_heading(f"protocol {t['protocol']}", f"protocol-{t['protocol']}", H3), _p(t["description"] + ".", NOTE),
                  _table(rows, widths, extra=style)]
     return flow
+
+
+def _adaptive(adaptive: dict[str, Any]) -> list[Flowable]:
+    header = adaptive["header"]
+    rows = [[_p(h, CELL_BOLD) for h in header]]
+    style = []
+    for i, row in enumerate(adaptive["rows"], start=1):
+        rows.append([_p(row["detector"] + (" (collapses)" if row["collapsed"] else ""), CELL),
+                     *[_p(v, CELL) for v in row["cells"]]])
+        if row["collapsed"]:
+            style.append(("BACKGROUND", (0, i), (-1, i), colors.HexColor("#f8d7da")))
+    first = 4.2 * cm
+    widths = [first] + [(WIDTH - first) / (len(header) - 1)] * (len(header) - 1)
+    return [_heading("Against an attacker who knows the detector", "adaptive"), _p(adaptive["note"], NOTE),
+            _table(rows, widths, extra=style), Spacer(1, 4), _image(adaptive["png"], WIDTH, FRAME_HEIGHT * 0.55),
+            _p("ROC curves per detector: the oblivious attack (dashed) and the attack that knows the detector "
+               "(solid); the grey line marks 5% false positives.", NOTE)]
 
 
 def _trend(trend: dict[str, Any]) -> list[Flowable]:
@@ -209,6 +228,8 @@ def write_pdf(path: Path, view: dict[str, Any]) -> None:
     flow += _pairs(view["header_items"], "run", "The run")
     flow += _summary(view)
     flow += [PageBreak(), *_comparisons(view)]
+    if view.get("adaptive"):
+        flow += [PageBreak(), *_adaptive(view["adaptive"])]
     if view["trend"]:
         flow += [PageBreak(), *_trend(view["trend"])]
     for section in view["sections"]:

@@ -335,6 +335,47 @@ def read_scores(run_dir: Path, record: AttackRecord, rows: list[ResultRow]) -> d
     return read_arrays(path, shapes, hint)
 
 
+def read_masking(run_dir: Path) -> dict[str, Any] | None:
+    """The attack stage's gradient-masking checks (``masking.json``); None for a run made before them
+    or an out-of-distribution run."""
+    path = run_dir / "masking.json"
+    if not path.exists():
+        return None
+    data = read_checked_json(path)
+    symptoms = data.get("symptoms") if isinstance(data, dict) else None
+    if not isinstance(symptoms, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("observed"), bool)
+            and isinstance(s.get("detail"), str) for s in symptoms):
+        raise damaged(path, "expected {eps, n_inputs, symptoms: [{name, observed, detail}]}")
+    return data
+
+
+def read_adaptive(run_dir: Path, info: RunInfo) -> tuple[list[ResultRow], dict[str, np.ndarray]]:
+    """The adaptive stage's rows and scores (none when the suite has no ``[adaptive]`` table);
+    refuses an unfinished adaptive stage or one that lacks a row of a detector it attacks."""
+    spec = info.suite.get("document", {}).get("adaptive")
+    if not spec:
+        return [], {}
+    hint = f"run 'advdetect detect {run_dir}' to redo the detect and adaptive stages"
+    if info.stages.get("adaptive") != COMPLETE:
+        raise UsageError(f"{run_dir}: the adaptive stage has not finished, so a report would be built from part of "
+                         f"the run; {hint}")
+    path = run_dir / "adaptive.json"
+    data = read_checked_json(path, hint)
+    if not isinstance(data, list):
+        raise damaged(path, f"expected a list of result rows, found {type(data).__name__}", hint)
+    rows: list[ResultRow] = [parse(ResultRow, row, path, f"row {i + 1}: ", hint) for i, row in enumerate(data)]
+    for detector in spec["detectors"] or info.detectors:
+        if not any(r.detector == detector and r.protocol == "adaptive" and r.strength == spec["eps"] for r in rows):
+            raise damaged(path, f"it has no adaptive row for {detector}", hint)
+    shapes = {}
+    for row in rows:
+        shapes[f"{row.detector}__clean"] = ("f", (row.n_clean,))
+        shapes[f"{row.detector}__adversarial"] = ("f", (row.n_adv,))
+        shapes[f"{row.detector}__oblivious"] = ("f", (None,))
+    return rows, read_arrays(run_dir / "scores" / "adaptive.npz", shapes, hint)
+
+
 def read_results(path: Path) -> dict[str, Any]:
     """A ``results.json`` document, its attack records and result rows checked."""
     document = read_checked_json(path)

@@ -24,6 +24,17 @@ Detector variants (ablations) run beside the registered detectors under a name o
     [detector.cg_softmax]
     base = "confounding_gradient"   # a registered detector
     loss = "softmax_bce"            # any of its constructor arguments
+
+An ``[adaptive]`` table adds the adaptive protocol (:mod:`advdetect.adaptive_stage`): every
+detector attacked by an attacker who knows it, beside the oblivious PGD cell of the same budget::
+
+    [adaptive]
+    attack = "pgd"          # the suite's PGD (Linf) or PGDL2 attack it compares with; default the first
+    eps = 0.1               # one of that attack's strengths; default its middle one
+    steps = 100             # default 100; alpha defaults to 2.5 * eps / steps
+    method = "orthogonal"   # orthogonal (default), selective or combined (with lam)
+    detectors = ["msp"]     # default every detector of the run
+    max_inputs = 200        # attack at most this many test inputs (default all)
 """
 
 from __future__ import annotations
@@ -47,7 +58,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Scalar = int | float | str | bool
-TOP_LEVEL_KEYS = ("description", "thresholds", "attack", "detector")
+TOP_LEVEL_KEYS = ("description", "thresholds", "attack", "detector", "adaptive")
+#: The attacks an adaptive attack can be compared with: same algorithm, same budget.
+ADAPTIVE_SOURCES = {"pgd": "Linf", "pgdl2": "L2"}
+ADAPTIVE_METHODS = ("orthogonal", "selective", "combined")
 DEFAULT_THRESHOLD_DETECTOR = "confounding_gradient"
 
 
@@ -56,25 +70,28 @@ class Thresholds:
     detector: str | None = None
     min_auroc: float | None = None
     max_attack_success_rate: float | None = None
+    #: of the adaptive rows: the most attacked inputs that may get past classifier and detector
+    max_undetected_success_rate: float | None = None
 
     def override(self, other: "Thresholds") -> "Thresholds":
         return Thresholds(*(o if o is not None else s for s, o in zip(
-            (self.detector, self.min_auroc, self.max_attack_success_rate),
-            (other.detector, other.min_auroc, other.max_attack_success_rate))))
+            (self.detector, self.min_auroc, self.max_attack_success_rate, self.max_undetected_success_rate),
+            (other.detector, other.min_auroc, other.max_attack_success_rate, other.max_undetected_success_rate))))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in (("detector", self.detector), ("min_auroc", self.min_auroc),
-                                  ("max_attack_success_rate", self.max_attack_success_rate)) if v is not None}
+                                  ("max_attack_success_rate", self.max_attack_success_rate),
+                                  ("max_undetected_success_rate", self.max_undetected_success_rate)) if v is not None}
 
     @property
     def empty(self) -> bool:
-        return self.min_auroc is None and self.max_attack_success_rate is None
+        return self.min_auroc is None and self.max_attack_success_rate is None and self.max_undetected_success_rate is None
 
 
 def _parse_thresholds(table: object, where: str) -> Thresholds:
     if not isinstance(table, dict):
         raise UsageError(f"{where}: 'thresholds' must be a table")
-    valid = ("detector", "min_auroc", "max_attack_success_rate")
+    valid = ("detector", "min_auroc", "max_attack_success_rate", "max_undetected_success_rate")
     unknown = sorted(set(table) - set(valid))
     if unknown:
         raise UsageError(f"{where}: unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
@@ -82,7 +99,7 @@ def _parse_thresholds(table: object, where: str) -> Thresholds:
     if detector is not None and not isinstance(detector, str):
         raise UsageError(f"{where}: thresholds.detector must be a detector name")
     values = {}
-    for key in ("min_auroc", "max_attack_success_rate"):
+    for key in valid[1:]:
         value = table.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
             raise UsageError(f"{where}: thresholds.{key} must be a number in [0, 1]; got {value!r}")
@@ -109,6 +126,75 @@ class AttackSpec:
 
 
 @dataclass(frozen=True)
+class AdaptiveSpec:
+    """The suite's ``[adaptive]`` table: Orthogonal PGD (or another ``method``) against each detector
+    at the budget of one cell of the suite's PGD attack ``attack``, which it is compared with."""
+
+    attack: str
+    eps: float
+    norm: str
+    steps: int = 100
+    alpha: float | None = None
+    method: str = "orthogonal"
+    lam: float = 1.0
+    detectors: tuple[str, ...] = ()
+    max_inputs: int | None = None
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"attack": self.attack, "eps": self.eps, "norm": self.norm, "steps": self.steps,
+                               "alpha": self.step_size, "method": self.method, "lam": self.lam,
+                               "detectors": list(self.detectors)}
+        return {**doc, "max_inputs": self.max_inputs} if self.max_inputs is not None else doc
+
+
+def _parse_adaptive(table: object, specs: list[AttackSpec], where: str) -> AdaptiveSpec:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: 'adaptive' must be a table")
+    valid = ("attack", "eps", "norm", "steps", "alpha", "method", "lam", "detectors", "max_inputs")
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    sources = [spec for spec in specs if spec.attack_name in ADAPTIVE_SOURCES and spec.strength_name == "eps"]
+    attack = table.get("attack", sources[0].attack if sources else None)
+    source = next((spec for spec in sources if spec.attack == attack), None)
+    if source is None:
+        raise UsageError(f"{where}: the adaptive attack is compared with an oblivious PGD of the same budget: "
+                         f"{'attack ' + repr(attack) + ' is not' if attack else 'add'} a pgd or pgdl2 attack of "
+                         f"this suite with an eps axis")
+    eps = table.get("eps", sorted(source.strengths)[len(source.strengths) // 2])
+    if eps not in source.strengths:
+        raise UsageError(f"{where}: eps {eps!r} is not one of attack {source.attack}'s strengths "
+                         f"({', '.join(map(str, source.strengths))})")
+    norm = ADAPTIVE_SOURCES[source.attack_name]
+    if table.get("norm", norm) != norm:
+        raise UsageError(f"{where}: norm {table['norm']!r} differs from attack {source.attack}'s ({norm})")
+
+    def number(key: str, default: Any, *, whole: bool = False, low: float = 0.0) -> Any:
+        value = table.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                or not math.isfinite(value) or value <= low:
+            raise UsageError(f"{where}: {key} must be {'a whole number' if whole else 'a finite number'} above "
+                             f"{low:g}; got {value!r}")
+        return value
+
+    method = table.get("method", "orthogonal")
+    if method not in ADAPTIVE_METHODS:
+        raise UsageError(f"{where}: method must be one of {', '.join(ADAPTIVE_METHODS)}; got {method!r}")
+    detectors = table.get("detectors", [])
+    if not isinstance(detectors, list) or not all(isinstance(d, str) for d in detectors):
+        raise UsageError(f"{where}: detectors must be a list of detector names")
+    return AdaptiveSpec(attack=source.attack, eps=float(eps), norm=norm, steps=number("steps", 100, whole=True),
+                        alpha=number("alpha", None), method=method, lam=number("lam", 1.0),
+                        detectors=tuple(detectors), max_inputs=number("max_inputs", None, whole=True))
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     source: str
@@ -116,6 +202,7 @@ class Suite:
     attacks: tuple[AttackSpec, ...]
     thresholds: Thresholds = Thresholds()
     detectors: tuple[DetectorVariant, ...] = ()
+    adaptive: AdaptiveSpec | None = None
 
     def thresholds_for(self, attack: str) -> Thresholds:
         """Effective thresholds of one attack: the suite's, overridden by the attack's own."""
@@ -136,8 +223,11 @@ class Suite:
                 f"--attacks names {', '.join(unknown)}, not in suite {self.name!r}; its attacks: {', '.join(known)}"
             )
         wanted = {a.lower() for a in attack_ids}
+        if self.adaptive and self.adaptive.attack not in wanted:
+            raise UsageError(f"--attacks drops {self.adaptive.attack}, the attack suite {self.name!r}'s adaptive "
+                             f"protocol is compared with; keep it")
         return Suite(self.name, self.source, self.description, tuple(s for s in self.attacks if s.attack in wanted),
-                     self.thresholds, self.detectors)
+                     self.thresholds, self.detectors, self.adaptive)
 
     def to_dict(self) -> dict[str, Any]:
         """The suite as a TOML-shaped document; :func:`suite_from_document` reads it back."""
@@ -146,6 +236,8 @@ class Suite:
             doc["thresholds"] = self.thresholds.to_dict()
         if self.detectors:
             doc["detector"] = {v.name: v.to_dict() for v in self.detectors}
+        if self.adaptive:
+            doc["adaptive"] = self.adaptive.to_dict()
         return doc
 
 
@@ -207,8 +299,17 @@ def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
     if not isinstance(variants, dict) or not all(isinstance(t, dict) for t in variants.values()):
         raise UsageError(f"{source}: detector variants are tables: [detector.NAME] with base = \"...\" and arguments")
     detectors = tuple(_parse_detector(n, t, f"{source}: [detector.{n}]") for n, t in variants.items())
+    adaptive = _parse_adaptive(doc["adaptive"], specs, f"{source}: [adaptive]") if "adaptive" in doc else None
+    if thresholds.max_undetected_success_rate is not None and adaptive is None or any(
+            spec.thresholds.max_undetected_success_rate is not None for spec in specs):
+        raise UsageError(f"{source}: max_undetected_success_rate thresholds the adaptive protocol: set it in "
+                         f"[thresholds] and add an [adaptive] table")
+    gated = thresholds.detector or DEFAULT_THRESHOLD_DETECTOR
+    if thresholds.max_undetected_success_rate is not None and adaptive and adaptive.detectors \
+            and gated not in adaptive.detectors:
+        raise UsageError(f"{source}: max_undetected_success_rate checks {gated}, which [adaptive] detectors leaves out")
     return Suite(name=name, source=source, description=description, attacks=tuple(specs), thresholds=thresholds,
-                 detectors=detectors)
+                 detectors=detectors, adaptive=adaptive)
 
 
 def _parse_detector(name: str, table: dict[str, Any], where: str) -> DetectorVariant:

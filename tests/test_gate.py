@@ -51,7 +51,8 @@ def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, c
     assert "gate_50_100::fgsm[eps=0.3]::auroc PASSED (confounding_gradient " in lines[1]
     assert "::pgd[eps=0.02]::auroc SKIPPED (" in "\n".join(lines)
     assert "::pgd[eps=0.3]::auroc PASSED (msp " in "\n".join(lines)  # the per-attack detector override
-    assert lines[-1].startswith("5 passed, 0 failed, 1 skipped in ") and lines[-1].endswith("s")
+    assert "gate_50_100::gradient_masking::robustness PASSED (no gradient-masking symptom in 5 checks)" in lines
+    assert lines[-1].startswith("6 passed, 0 failed, 1 skipped in ") and lines[-1].endswith("s")
 
     assert check(suite_file(min_auroc=0.999, max_asr=0.5), tmp_path, "fail", "--junitxml", str(tmp_path / "f.xml")) == 1
     out = capsys.readouterr().out
@@ -59,7 +60,7 @@ def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, c
     assert re.search(r"::pgd\[eps=0.3\]::auroc FAILED \(msp 0\.\d{3} < 0.999\)", out)
     assert "failed" in out.strip().splitlines()[-1] and not out.strip().splitlines()[-1].startswith("0 passed, 0 failed")
     suite = ElementTree.parse(tmp_path / "f.xml").getroot().find("testsuite")
-    assert int(suite.get("failures")) >= 1 and int(suite.get("tests")) == 6 and suite.get("skipped") == "1"
+    assert int(suite.get("failures")) >= 1 and int(suite.get("tests")) == 7 and suite.get("skipped") == "1"
     failure = suite.find("testcase/failure")
     assert failure is not None and "FAILED" in failure.text
     manifest = read_json(tmp_path / "runs" / "fail" / "manifest.json")

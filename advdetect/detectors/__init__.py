@@ -86,6 +86,11 @@ class DetectorVariant:
         return cls(name=name, base=table["base"], params=params)
 
 
+def suite_variants(suite_document: dict[str, Any]) -> list[DetectorVariant]:
+    """The detector variants of a suite as ``run.json`` records it (``[detector.NAME]`` tables)."""
+    return [DetectorVariant.from_dict(name, table) for name, table in suite_document.get("detector", {}).items()]
+
+
 def build_detector(name: str, variants: Iterable[DetectorVariant] = ()) -> Detector:
     """A detector by registered name, or by the name of a suite's variant of one."""
     for variant in variants:
@@ -97,5 +102,5 @@ def build_detector(name: str, variants: Iterable[DetectorVariant] = ()) -> Detec
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DETECTORS", "Detector", "DetectorVariant", "SignatureFunction", "build_detector", "check_params", "get_detector",
+__all__ = ["DETECTORS", "Detector", "DetectorVariant", "SignatureFunction", "build_detector", "check_params", "suite_variants", "get_detector",
            "register_detector"]

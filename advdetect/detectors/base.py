@@ -83,6 +83,19 @@ class Detector(BaseEstimator, ABC):
         """Hyperparameters chosen during :meth:`fit`, recorded in results."""
         return {}
 
+    #: How :meth:`torch_scores` relates to ``score_samples(signatures(...))``: ``exact`` (equal to
+    #: 1e-4 relative, gradients exact), ``bpda`` (equal values; a non-differentiable step, such as
+    #: an input-preprocessing sign step, is the identity on the backward pass, Athalye et al. 2018),
+    #: ``eot`` (equal values for the detector's own fixed random draws, averaged over them on the
+    #: backward pass) or ``surrogate`` (a smooth stand-in for a step function: rank-close, not equal).
+    gradient_kind: ClassVar[str] = "exact"
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Scores of ``inputs`` (on the model's device, shape [N]) as a differentiable function of
+        them, for an attacker who optimizes against the fitted detector (the ``adaptive`` protocol).
+        Call after :meth:`prepare` and :meth:`fit`; no batching, no ``no_grad``."""
+        raise NotImplementedError(f"{self.name} has no differentiable score")
+
 
 def require_adversarial(detector: Detector, clean: np.ndarray, adversarial: np.ndarray | None) -> np.ndarray:
     if adversarial is None:
@@ -132,6 +145,25 @@ def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     positive = labels == 1
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def logistic_torch(pipeline: Pipeline, features: torch.Tensor,
+                   prefix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``pipeline.decision_function`` (a pipeline made by :func:`fit_logistic`) as torch operations
+    on ``features`` [N, D], differentiable: ``prefix`` stands in for its stateless transformers
+    (the torch twin of :func:`advdetect.detectors.confounding_gradient.log_features`, say), then
+    the standardization and the linear decision function."""
+    steps = [step for _, step in pipeline.steps]
+    scaler, regression = steps[-2], steps[-1]
+    if len(steps) > 2 and prefix is None:
+        raise ValueError("the pipeline has a transformer before its scaler: give its torch twin as prefix")
+    x = features.double()
+    if prefix is not None:
+        x = prefix(x)
+    mean = torch.as_tensor(scaler.mean_, dtype=torch.float64, device=x.device)
+    scale = torch.as_tensor(scaler.scale_, dtype=torch.float64, device=x.device)
+    coef = torch.as_tensor(regression.coef_[0], dtype=torch.float64, device=x.device)
+    return ((x - mean) / scale) @ coef + float(regression.intercept_[0])
 
 
 def best_by_cv(candidates: dict[Any, tuple[Pipeline, float, float]]) -> tuple[Any, Pipeline, float]:

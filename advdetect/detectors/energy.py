@@ -29,3 +29,6 @@ class Energy(Detector):
 
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         return np.asarray(signatures)[:, 0]
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return -self.temperature * torch.logsumexp(model(inputs).double() / self.temperature, dim=1)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.activations import penultimate
+from advdetect.activations import final_linear, penultimate, recording
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import Detector
 
@@ -29,9 +29,17 @@ class GradNorm(Detector):
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         logits, features = penultimate(model, inputs, batch_size)
+        return self._norms(logits, features).numpy()[:, None]
+
+    def _norms(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         probabilities = torch.softmax(logits / self.temperature, dim=1)
         output_grad = (probabilities - 1.0 / logits.shape[1]) / self.temperature
-        return (output_grad.abs().sum(dim=1) * features.abs().sum(dim=1)).numpy()[:, None]
+        return output_grad.abs().sum(dim=1) * features.abs().sum(dim=1)
 
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         return -np.asarray(signatures)[:, 0]
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        with recording([], inputs_of=final_linear(model)) as captured:
+            logits = model(inputs)
+        return -self._norms(logits.double(), captured[0].flatten(1).double())

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.activations import final_linear, penultimate
+from advdetect.activations import final_linear, penultimate, recording
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic, require_adversarial
+from advdetect.detectors.base import (DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch,
+                                     require_adversarial)
 
 
 def log_kernel_density(features: torch.Tensor, reference: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -60,27 +61,34 @@ class KernelDensityBayesianUncertainty(Detector):
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         check_is_fitted(self, "reference_")
         logits, features = penultimate(model, inputs, batch_size)
+        return self._columns(model, logits, features, self.bandwidth_factors).numpy()
+
+    def _columns(self, model: nn.Module, logits: torch.Tensor, features: torch.Tensor,
+                 factors: Sequence[float]) -> torch.Tensor:
+        """[N, len(factors) + 1]: KD for each bandwidth factor, then BU, from the logits and the
+        penultimate features (float64, on any device; differentiable in the features)."""
         predicted = logits.argmax(dim=1)
+        reference, reference_labels = self.reference_.to(features.device), self.reference_labels_.to(features.device)
         columns = []
-        for factor in self.bandwidth_factors:
-            density = torch.full((len(inputs),), -np.inf, dtype=torch.float64)
+        for factor in factors:
+            density = torch.full((len(features),), -np.inf, dtype=torch.float64, device=features.device)
             for c in predicted.unique():
-                rows, same_class = predicted == c, self.reference_[self.reference_labels_ == c]
+                rows, same_class = predicted == c, reference[reference_labels == c]
                 if len(same_class):
                     density[rows] = log_kernel_density(features[rows], same_class, factor * self.median_distance_)
             columns.append(density.clamp(min=-1e6))
         columns.append(self._uncertainty(model, features))
-        return torch.stack(columns, dim=1).numpy()
+        return torch.stack(columns, dim=1)
 
     def _uncertainty(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
         last = final_linear(model)
-        weight, bias = last.weight.detach().double().cpu(), None if last.bias is None else last.bias.detach().double().cpu()
+        weight, bias = last.weight.detach().to(features), None if last.bias is None else last.bias.detach().to(features)
         # The same seeded masks for every input, so that an input's uncertainty does not depend on
         # which other inputs share its batch (or, in a distributed audit, its rank).
         generator = torch.Generator().manual_seed(self.seed)
         keep = torch.rand((self.dropout_samples, features.shape[1]), generator=generator, dtype=torch.float64)
         first, second = 0.0, 0.0
-        for mask in keep >= self.dropout:
+        for mask in (keep >= self.dropout).to(features.device):
             probs = torch.softmax(F.linear(features * mask / (1 - self.dropout), weight, bias), dim=1)
             first = first + probs.pow(2).sum(dim=1)
             second = second + probs
@@ -101,6 +109,24 @@ class KernelDensityBayesianUncertainty(Detector):
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.decision_function(self._pair(signatures, self.bandwidth_index_))
+
+    #: BU averages the softmax over the detector's own dropout masks, random draws fixed by
+    #: ``seed``: values are equal and the gradient is the average of the per-mask gradients
+    #: (expectation over transformation over those draws). KD's class choice is the argmax of the
+    #: logits, kept as :meth:`signatures` makes it (piecewise constant; the gradient flows
+    #: through the penultimate features).
+    gradient_kind = "eot"
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """(KD at the fitted bandwidth, BU) as :meth:`signatures` computes them, differentiable,
+        then the fitted logistic regression. ``eot``: BU's dropout masks are the detector's fixed
+        seeded draws, so values are equal and the gradient is the mean over those draws."""
+        check_is_fitted(self, "pipeline_")
+        with recording([], inputs_of=final_linear(model)) as captured:
+            logits = model(inputs)
+        features = captured[0].flatten(1).double()
+        factor = self.bandwidth_factors[self.bandwidth_index_]
+        return logistic_torch(self.pipeline_, self._columns(model, logits, features, [factor]))
 
     def fitted_params(self) -> dict[str, Any]:
         check_is_fitted(self, "pipeline_")

@@ -19,10 +19,11 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.activations import feature_layers, final_linear, layer_activations
+from advdetect.activations import feature_layers, final_linear, layer_activations, recording
 from advdetect.detectors import register_detector
 from advdetect.errors import Unavailable
-from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic, require_adversarial
+from advdetect.detectors.base import (DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch,
+                                     require_adversarial)
 
 
 def lid_mle(distances: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,12 +59,17 @@ class LID(Detector):
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         check_is_fitted(self, "reference_")
-        columns = [[] for _ in self.ks]
-        for activation, reference in zip(self._activations(model, inputs, batch_size), self.reference_):
-            distances = torch.cdist(activation.float(), reference).double()
-            for j, k in enumerate(self.ks):
+        return self._estimates(self._activations(model, inputs, batch_size), self.ks).numpy()
+
+    def _estimates(self, activations: list[torch.Tensor], ks: Sequence[int]) -> torch.Tensor:
+        """[N, len(ks) * layers], k-major: each layer's LID estimate against the reference pool
+        (fixed, so an input's estimate does not depend on the other inputs), on the activations' device."""
+        columns = [[] for _ in ks]
+        for activation, reference in zip(activations, self.reference_):
+            distances = torch.cdist(activation.float(), reference.to(activation.device)).double()
+            for j, k in enumerate(ks):
                 columns[j].append(lid_mle(distances, k))
-        return torch.stack([c for k_columns in columns for c in k_columns], dim=1).numpy()
+        return torch.stack([c for k_columns in columns for c in k_columns], dim=1)
 
     def _k_block(self, signatures: np.ndarray, j: int) -> np.ndarray:
         width = len(self.reference_)
@@ -80,6 +86,19 @@ class LID(Detector):
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.decision_function(self._k_block(signatures, self.k_index_))
+
+    gradient_kind = "exact"
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The fitted k's per-layer estimates as :meth:`signatures` computes them (neighbours from
+        the fixed reference pool, not from the inputs' batch), differentiable, then the logistic
+        regression. ``exact``: the neighbour choice is piecewise constant, the distances carry the gradient."""
+        check_is_fitted(self, "pipeline_")
+        layers, last = feature_layers(model, self.num_layers), final_linear(model)
+        with recording(layers, inputs_of=last) as captured:
+            model(inputs)
+        activations = [captured[i].flatten(1) for i in range(len(layers) + 1)]
+        return logistic_torch(self.pipeline_, self._estimates(activations, [self.ks[self.k_index_]]))
 
     def fitted_params(self) -> dict[str, Any]:
         check_is_fitted(self, "pipeline_")

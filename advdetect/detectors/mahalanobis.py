@@ -29,7 +29,7 @@ from torch import nn
 from advdetect.activations import (counting_calls, feature_layers, final_linear, forward_until, layer_activations,
                                    pool, recording)
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic
+from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch
 from advdetect.inference import model_device
 
 
@@ -69,6 +69,10 @@ class Mahalanobis(Detector):
         diff = features[:, None, :] - means[None]
         return -torch.einsum("ncd,de,nce->nc", diff, precision, diff).min(dim=1).values
 
+    def _read(self, layer: int, captured: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The confidence at ``layer`` from the activations :func:`recording` captured."""
+        return self._confidence(layer, pool(captured[layer]).double())
+
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         check_is_fitted(self, "means_")
         layers, last = self._layers(model)
@@ -81,7 +85,7 @@ class Mahalanobis(Detector):
                 x_grad = x.clone().requires_grad_(True)
                 with counting_calls(layers, inputs_of=last) as calls:
                     model(x_grad)  # one forward pass reads every layer; each gets its own backward pass
-                clean = [self._confidence(layer, pool(captured[layer]).double()) for layer in range(len(self.means_))]
+                clean = [self._read(layer, captured) for layer in range(len(self.means_))]
                 for layer, confidence in enumerate(clean):
                     (grad,) = torch.autograd.grad(confidence.sum(), x_grad, retain_graph=layer + 1 < len(clean))
                     read = (layers + [last])[layer]  # the noisy copies need the model only up to this layer
@@ -90,7 +94,7 @@ class Mahalanobis(Detector):
                             if noise:
                                 forward_until(model, x + noise * grad.sign(), read, before=read is last,
                                               calls=calls[layer])
-                                confidence = self._confidence(layer, pool(captured[layer]).double())
+                                confidence = self._read(layer, captured)
                             columns[k].append(confidence.detach().cpu())
                 out.append(torch.stack([c for noise_columns in columns for c in noise_columns], dim=1))
         return torch.cat(out).numpy()
@@ -117,6 +121,38 @@ class Mahalanobis(Detector):
         if self.pipeline_ is None:
             return -((block - self.center_) / self.scale_).mean(axis=1)
         return self.pipeline_.decision_function(block)
+
+    #: The preprocessing's gradient sign is a constant on the backward pass (BPDA), as in ODIN;
+    #: exact when the fitted noise is 0.
+    gradient_kind = "bpda"
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """:meth:`signatures`' block of the fitted noise, differentiable, then :meth:`score_samples`:
+        each layer's confidence on its own preprocessed copy ``x + noise * s`` (``s`` the detached
+        gradient sign; a whole forward pass records what :meth:`signatures` reads at that layer)."""
+        check_is_fitted(self, "noise_index_")
+        layers, last = self._layers(model)
+        noise, count = self.noises[self.noise_index_], len(self.means_)
+        with recording(layers, inputs_of=last) as captured:
+            if noise:
+                with torch.enable_grad():
+                    x = inputs.detach().clone().requires_grad_(True)
+                    model(x)
+                    clean = [self._read(layer, captured) for layer in range(count)]
+                    signs = [torch.autograd.grad(c.sum(), x, retain_graph=layer + 1 < count)[0].sign()
+                             for layer, c in enumerate(clean)]
+                confidences = []
+                for layer, sign in enumerate(signs):
+                    model(inputs + noise * sign)
+                    confidences.append(self._read(layer, captured))
+            else:
+                model(inputs)
+                confidences = [self._read(layer, captured) for layer in range(count)]
+        block = torch.stack(confidences, dim=1)
+        if self.pipeline_ is None:
+            center, scale = torch.as_tensor(self.center_).to(block), torch.as_tensor(self.scale_).to(block)
+            return -((block - center) / scale).mean(dim=1)
+        return logistic_torch(self.pipeline_, block)
 
     def fitted_params(self) -> dict[str, Any]:
         check_is_fitted(self, "noise_index_")

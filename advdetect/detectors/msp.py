@@ -26,3 +26,6 @@ class MaxSoftmax(Detector):
 
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         return -np.asarray(signatures)[:, 0]
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return -torch.softmax(model(inputs).double(), dim=1).max(dim=1).values

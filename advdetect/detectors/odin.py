@@ -90,6 +90,23 @@ class ODIN(Detector):
         check_is_fitted(self, "column_")
         return -np.asarray(signatures)[:, self.column_]
 
+    #: The preprocessing's gradient sign is a constant on the backward pass (BPDA): the moved input
+    #: ``x - epsilon * s`` has Jacobian identity in ``x``; exact when the fitted epsilon is 0.
+    gradient_kind = "bpda"
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The fitted column of :func:`odin_scores`, differentiable; the sign step detached (BPDA)."""
+        check_is_fitted(self, "column_")
+        temperature, epsilon = self.temperature_, self.epsilon_
+        if epsilon:
+            with torch.enable_grad():
+                x = inputs.detach().clone().requires_grad_(True)
+                logits = model(x)
+                loss = F.cross_entropy(logits / temperature, logits.argmax(dim=1), reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x)
+            inputs = inputs - epsilon * grad.sign()
+        return -torch.softmax(model(inputs).double() / temperature, dim=1).max(dim=1).values
+
     def fitted_params(self) -> dict[str, Any]:
         check_is_fitted(self, "column_")
         return {"temperature": self.temperature_, "epsilon": self.epsilon_}
