@@ -18,6 +18,13 @@ logits (top softmax probability, log-sum-exp, top-two margin) to the gradient no
 noise at each level (:func:`advdetect.features.prediction_instability`, ``noise_draws`` copies
 per level).
 
+Adaptive attacks: ``torch_scores`` (here, and in the one-class and agnostic variants) is the
+fitted score as a differentiable function of the input, through :meth:`torch_signatures`
+(:func:`advdetect.features.confounding_gradient_torch`, the same closed forms with
+``create_graph``): exact for every ablation but the sensitivity signature, whose argmax flip count
+has a smooth surrogate (:func:`advdetect.features.prediction_instability_torch`). So
+``gradient_kind`` is ``surrogate`` for instances with ``noise_levels``, else ``exact``.
+
 The sensitivity variant exists because the paper's signature barely moves for minimum-norm
 attacks (CW with kappa 0, DeepFool): their adversarial examples sit on the decision boundary,
 where the all-ones loss is flat, but there a little noise flips the prediction. The built-in
@@ -28,6 +35,7 @@ the README's "Variants and ablations" gives its measured AUROC beside the paper'
 from __future__ import annotations
 
 import functools
+import inspect
 from fnmatch import fnmatch
 from typing import Any, Sequence
 
@@ -39,10 +47,11 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import DEFAULT_CS, Detector, SignatureFunction, fit_logistic, require_adversarial
+from advdetect.detectors.base import DEFAULT_CS, Detector, SignatureFunction, fit_logistic, logistic_torch, \
+    require_adversarial
 from advdetect.inference import batched_logits
-from advdetect.features import LABELS, LOSSES, NORMS, confounding_gradient_features, parameter_names, \
-    prediction_instability
+from advdetect.features import LABELS, LOSSES, NORMS, confounding_gradient_features, confounding_gradient_torch, \
+    eval_with_grads, parameter_names, prediction_instability, prediction_instability_torch
 
 # Gradient norms span many orders of magnitude; exact zeros (a parameter the loss does not
 # reach) are floored instead of becoming -inf.
@@ -53,19 +62,45 @@ def log_features(features: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(features, _FLOOR))
 
 
+def log_features_torch(features: torch.Tensor) -> torch.Tensor:
+    """:func:`log_features` in torch, differentiable (zero gradient below the floor)."""
+    return torch.log(features.clamp_min(_FLOOR))
+
+
 def output_statistics(logits: torch.Tensor) -> np.ndarray:
     """Positive statistics of the logits whose logarithms are the top softmax log-probability, the
     log-sum-exp and the log of the top-two logit margin, to sit beside gradient norms under
     :func:`log_features`."""
+    return output_statistics_torch(logits.detach()).numpy()
+
+
+def output_statistics_torch(logits: torch.Tensor) -> torch.Tensor:
+    """:func:`output_statistics` as a differentiable function of the logits, float64 [N, 3]."""
     logits = logits.double()
     top2 = logits.topk(2, dim=1).values
     statistics = [torch.softmax(logits, 1).max(1).values, torch.logsumexp(logits, 1).clamp(max=700).exp(),
                   top2[:, 0] - top2[:, 1]]
-    return torch.stack(statistics, dim=1).numpy()
+    return torch.stack(statistics, dim=1)
+
+
+class _GradientKind:
+    """``gradient_kind`` of the confounding-gradient detectors: ``exact``, except ``surrogate``
+    where the signature has the prediction-instability block, whose flip count, a step function,
+    has a smooth stand-in. Per instance from its ``noise_levels`` (so ``set_params`` keeps it
+    right); on the class, from the constructor's default."""
+
+    def __get__(self, obj: Any, owner: type | None = None) -> str:
+        if obj is not None:
+            levels = obj.noise_levels
+        else:
+            levels = inspect.signature(owner).parameters["noise_levels"].default
+        return "surrogate" if len(levels) else "exact"
 
 
 class ConfoundingSignatures(Detector):
     """The signature shared by the confounding-gradient detectors and its ablations."""
+
+    gradient_kind = _GradientKind()  # type: ignore[assignment]
 
     def __init__(self, label: str = "ones", loss: str = "sigmoid_bce", norm: str = "l2sq",
                  layers: Sequence[str] = (), with_outputs: bool = False, noise_levels: Sequence[float] = (),
@@ -127,6 +162,23 @@ class ConfoundingSignatures(Detector):
         return np.concatenate([block(model, inputs, batch_size=batch_size) for _, block in self.signature_blocks()],
                               axis=1)
 
+    def torch_signatures(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """:meth:`signatures` as a differentiable function of ``inputs`` (one batch on the model's
+        device), float64 [N, D] on that device, the blocks in the same order: the gradient norms
+        and logit statistics equal, the instability block's flip share a surrogate
+        (:func:`advdetect.features.prediction_instability_torch`). Eval mode; no parameter
+        gradient is accumulated by a later ``backward()``."""
+        self.validate()
+        kept = self._kept(model)
+        with eval_with_grads(model, lambda p: False):
+            blocks = [confounding_gradient_torch(model, inputs, label=label, loss=self.loss, norm=self.norm)[:, kept]
+                      for label in self.label.split("+")]
+            if self.with_outputs:
+                blocks.append(output_statistics_torch(model(inputs)))
+            if self.noise_levels:
+                blocks.append(prediction_instability_torch(model, inputs, tuple(self.noise_levels), self.noise_draws))
+        return torch.cat(blocks, dim=1)
+
 
 def _logit_statistics(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
     return output_statistics(batched_logits(model, inputs, batch_size))
@@ -160,6 +212,10 @@ class ConfoundingGradient(ConfoundingSignatures):
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.decision_function(signatures)
+
+    def torch_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        check_is_fitted(self, "pipeline_")
+        return logistic_torch(self.pipeline_, self.torch_signatures(model, inputs), prefix=log_features_torch)
 
     def fitted_params(self) -> dict[str, Any]:
         check_is_fitted(self, "pipeline_")
