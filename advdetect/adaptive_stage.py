@@ -40,8 +40,8 @@ from advdetect.distributed import current_world
 from advdetect.metrics import FPR_BUDGET, detection_metrics, threshold_at_fpr
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.records import ADAPTIVE, AttackRecord, ResultRow, derive_seed
-from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, read_run, reference_arrays, sample_arrays, set_stage, \
-    update_run
+from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files, reference_arrays, \
+    sample_arrays, set_stage, update_run
 from advdetect.splits import fit_rounds
 from advdetect.storage import save_arrays, write_json
 
@@ -104,6 +104,7 @@ def adaptive_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
                         "examples at 5%% false positives", name, 100 * row.tpr_at_5fpr)
     save_arrays(run_dir / "scores" / "adaptive.npz", **scores)
     write_json(run_dir / ADAPTIVE_JSON, [row.to_dict() for row in rows])
+    record_files(run_dir, {name: computed_from(records) for name in (ADAPTIVE_JSON, "scores/adaptive.npz")})
     update_run(run_dir, (ADAPTIVE, time.perf_counter() - started), adaptive_timings=seconds)
     set_stage(run_dir, ADAPTIVE, COMPLETE)
     return rows

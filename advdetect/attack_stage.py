@@ -22,7 +22,7 @@ from advdetect.masking import masking_symptoms, suspected
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.records import AttackRecord, derive_seed
 from advdetect.robustness import robust_accuracy, threat_model
-from advdetect.rundir import cell_paths, read_run, sample_arrays, update_run
+from advdetect.rundir import cell_files, cell_paths, read_run, record_files, sample_arrays, update_run
 from advdetect.storage import save_arrays, write_json
 from advdetect.records import AttackCell
 
@@ -134,9 +134,11 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
         record_path, arrays_path = cell_paths(run_dir, cell.slug)
         save_arrays(arrays_path, source_index=correct, x_adv=adversarial.numpy(), pred=pred.numpy(), fooled=fooled)
         write_json(record_path, record.to_dict())
+        record_files(run_dir, cell_files(cell.slug))
         records.append(record)
     if world.is_main:
         write_json(run_dir / MASKING_JSON, check_masking(model, cells, x, y, info.seed, info.batch_size))
+        record_files(run_dir, {MASKING_JSON: ["sample.npz"]})
     update_run(run_dir, ("attack", time.perf_counter() - started), attack_cache_hits=hits if cache else None)
     if cache:
         log.info("%d of %d attack cells came from the cache in %s", hits, len(cells), cache.root)

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--adaptive", metavar="DETECTORS", nargs="?", const="confounding_gradient,msp,mahalanobis",
                        help="time one step of the adaptive attack against each of these detectors (comma-separated; "
                             "default %(const)s) beside one PGD step, on the embedded default, instead")
-    bench.add_argument("--sizes", type=argparse_type(positive_ints), default=[64, 128, 256],
+    bench.add_argument("--sizes", type=argparse_type(positive_ints), default=None,
                        help="with --audit: comma-separated numbers of audited inputs (default: 64,128,256)")
     add_audit_arguments(bench)
     bench.add_argument("--models", default="default,resnet18", help="comma-separated: default, resnet18 (default: %(default)s)")
@@ -410,6 +410,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("bench --audit writes no run folder (it audits in a temporary one); drop --out")
     if args.audit and args.n is not None:
         raise UsageError("bench --audit audits each of --sizes inputs; give the sizes there and drop --n")
+    if args.sizes is not None and not args.audit:
+        raise UsageError("--sizes is an option of 'bench --audit'; add --audit, or drop it")
+    args.sizes = args.sizes or [64, 128, 256]
     if args.adaptive is not None and args.audit:
         raise UsageError("bench --adaptive and --audit measure different things; give one")
     if args.adaptive is not None:

@@ -43,8 +43,8 @@ from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.records import PROTOCOLS, AttackRecord, ResultRow, RunInfo, derive_seed
 from advdetect.splits import fit_rounds
-from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, read_run, reference_arrays, sample_arrays, set_stage, \
-    update_run
+from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files, reference_arrays, \
+    sample_arrays, set_stage, update_run
 from advdetect.storage import save_arrays, write_json
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,8 @@ def write_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord], r
     key_of = {(r.attack, r.strength): r.key for r in records}
     rows.sort(key=lambda row: order[(key_of[(row.attack, row.strength)], row.detector, row.protocol)])
     write_json(run_dir / "detection.json", [row.to_dict() for row in rows])
+    record_files(run_dir, {name: computed_from(records)
+                           for name in ["detection.json", *(f"scores/{record.slug}.npz" for record in records)]})
 
 
 def unseen_source(records: list[AttackRecord]) -> AttackRecord:

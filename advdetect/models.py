@@ -454,6 +454,9 @@ def _check_normalization(options: ModelOptions) -> None:
 
 
 def _describe(model: nn.Module, spec: str, options: ModelOptions) -> LoadedModel:
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise UsageError("the model's weights are on the meta device (shapes without values): materialize them "
+                         "(model.to_empty(device=...), then load_state_dict) or give --weights")
     weights = {}
     if options.weights is not None and Path(options.weights).is_file():
         weights["weights_sha256"] = file_sha256(options.weights)

@@ -28,7 +28,7 @@ from advdetect.datasets import DataOptions, load_data
 from advdetect.errors import UsageError
 from advdetect.progress import Progress, no_progress
 from advdetect.records import OodRecord, derive_seed, ood_cell_key, ood_cell_slug
-from advdetect.rundir import cell_paths, sample_arrays
+from advdetect.rundir import cell_files, cell_paths, record_files, sample_arrays
 from advdetect.storage import save_arrays, write_json
 
 BUILTIN_SETS = ("uniform", "corrupted", "photos", "digits")
@@ -115,5 +115,6 @@ def ood_stage(run_dir: Path, specs: list[str], seed: int, on_progress: Progress 
         record_path, arrays_path = cell_paths(run_dir, record.slug)
         save_arrays(arrays_path, x_adv=x, fooled=present)
         write_json(record_path, record.to_dict())
+        record_files(run_dir, cell_files(record.slug))
         records.append(record)
     return records

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -210,13 +211,23 @@ OPTIONS_BY_NAME = {option.name: option for option in AUDIT_OPTIONS}
 _SPECS = ("suite", "model", "data")
 
 
+#: Folders that mark a project's root: the search for ``pyproject.toml`` goes no higher.
+ROOT_MARKERS = (".git", ".hg", ".svn")
+
+
 def find_pyproject(start: Path | None = None) -> Path | None:
-    """The nearest ``pyproject.toml`` in ``start`` (default: the working folder) or above it."""
+    """The nearest ``pyproject.toml`` in ``start`` (default: the working folder) or above it, up to
+    the project's root (a folder holding ``.git``, ``.hg`` or ``.svn``) or, outside a repository,
+    the home folder: a ``pyproject.toml`` above the project (which may name code to import) is
+    never read, as pytest bounds its own search at its rootdir."""
     here = (start or Path.cwd()).resolve()
+    home = Path.home().resolve()
     for folder in (here, *here.parents):
         candidate = folder / PYPROJECT
         if candidate.is_file():
             return candidate
+        if any((folder / marker).exists() for marker in ROOT_MARKERS) or folder == home:
+            return None
     return None
 
 
@@ -288,6 +299,9 @@ def resolve(given: dict[str, Any], *, skip: tuple[str, ...] = ()) -> tuple[dict[
     """Every audit option's value: ``given`` (flags; None where not given), else the project's
     ``[tool.advdetect]`` default, else the built-in default; and the pyproject.toml read (or None)."""
     defaults, pyproject = project_defaults()
+    if pyproject is not None and defaults:
+        logging.getLogger("advdetect").info("audit defaults from [tool.advdetect] in %s: %s", pyproject,
+                                            ", ".join(sorted(defaults)))
     values = {}
     for option in AUDIT_OPTIONS:
         if option.name in skip:

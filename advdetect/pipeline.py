@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from advdetect.progress import Progress, no_progress
 from advdetect.records import RunInfo
 from advdetect.report import write_report
 from advdetect.rundir import COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new, json_sha256, \
-    locked, read_attack_records, read_run, set_stage, update_run, write_manifest
+    locked, read_attack_records, read_run, record_files, set_stage, update_run, write_manifest
 from advdetect.storage import save_arrays, user_cache_dir, write_bytes, write_json
 
 log = logging.getLogger("advdetect")
@@ -155,8 +156,10 @@ def start_run(run_dir: Path, options: AuditOptions, prepared: Prepared, cells: l
         started_at=now(),
         timings={"load": round(time.perf_counter() - started, 3)},
         cells=[list(cell) for cell in cells],
+        run_id=uuid.uuid4().hex,
     )
     write_json(run_dir / RUN_JSON, info.to_dict())
+    record_files(run_dir, {"sample.npz": [], "reference.npz": []})
     write_manifest(run_dir, status="running", started_at=info.started_at, suite=options.suite.name,
                    suite_sha256=json_sha256(options.suite.to_dict()), model_spec=loaded.info["spec"],
                    model_sha256=loaded.info["sha256"], data_spec=sample.info["spec"],

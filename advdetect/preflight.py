@@ -278,6 +278,8 @@ def prepare(options: AuditOptions) -> Prepared:
             detector.check_model(loaded.module)
         except ValueError as exc:
             raise UsageError(f"detector {name}: {exc}") from None
+    check_memory(loaded.module, sample.x[:1], dict(zip(options.detector_names(), detectors)), options.batch_size,
+                 device)
     correct = logits.argmax(dim=1) == sample.y
     if not correct.any():
         raise UsageError(f"the model classifies none of the {len(sample.y)} audited inputs correctly, and attacks and "
@@ -287,6 +289,43 @@ def prepare(options: AuditOptions) -> Prepared:
     probe_attacks(loaded.module, options.suite.cells(), sample.x[correct][:1], sample.y[correct][:1],
                   num_classes=loaded.info["num_classes"], seed=options.seed)
     return Prepared(loaded, sample, device, logits)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (MemAvailable on the CPU, from /proc/meminfo); None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(model: nn.Module, one_input: torch.Tensor, detectors: dict[str, Detector], batch_size: int,
+                 device: torch.device) -> None:
+    """Refuse a detector whose forward passes cannot fit in memory (a variant with many noise draws
+    forwards ``noise_draws`` copies of a batch at once): the bytes of every layer output for one
+    input, measured on one forward pass, times the inputs it forwards at once."""
+    free = available_memory(device)
+    largest = max(detectors.items(), key=lambda item: item[1].inputs_at_once(batch_size), default=None)
+    if free is None or largest is None:
+        return
+    outputs: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, a, out: outputs.append(out.numel() * out.element_size())
+                                     if isinstance(out, torch.Tensor) else None) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(one_input.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    name, detector = largest
+    need = detector.inputs_at_once(batch_size) * (sum(outputs) + one_input.numel() * one_input.element_size())
+    if need > free:
+        raise UsageError(f"detector {name} forwards {detector.inputs_at_once(batch_size)} inputs at once at "
+                         f"--batch-size {batch_size}, about {need / 2**30:.1f} GiB of activations, more than the "
+                         f"{free / 2**30:.1f} GiB free on {device}; lower its noise_draws or --batch-size")
 
 
 def check_adaptive(options: AuditOptions, detectors: list[Detector]) -> None:

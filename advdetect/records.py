@@ -183,11 +183,21 @@ class RunInfo(Record):
     cells: list[list[str]] = field(default_factory=list)
     #: each stage's state, "running" or "complete": a report needs a complete detect stage
     stages: dict[str, str] = field(default_factory=dict)
+    #: this run's identity (a uuid4 hex); empty in a run folder written before files were bound to their run
+    run_id: str = ""
+    #: every file the run wrote, by path relative to the run folder: {"sha256": its hash, "inputs":
+    #: {path: hash} of the files it was computed from}; readers refuse a file that does not match
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
         for cell in self.cells:
             if len(cell) != 2 or not is_slug(cell[1]):
                 raise ValueError(f"the cell entry {json_preview(cell)} is not a [key, file name] pair")
+        for name, entry in self.files.items():
+            if not (is_relative(name) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("inputs"), dict)
+                    and all(is_relative(k) and isinstance(v, str) for k, v in entry["inputs"].items())):
+                raise ValueError(f"the files entry {json_preview(name)} is not {{sha256, inputs: {{path in the run "
+                                 f"folder: sha256}}}}")
         if (not 0 <= self.clean_accuracy <= 1 or not 0 < self.fit_fraction < 1 or self.batch_size < 1
                 or self.fit_folds < 0 or self.fit_folds == 1):
             raise ValueError("clean_accuracy, fit_fraction, fit_folds or batch_size is out of range")
@@ -196,6 +206,11 @@ class RunInfo(Record):
 def is_slug(text: str) -> bool:
     """A file name of the run folder: no separator, not hidden."""
     return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", text) is not None
+
+
+def is_relative(text: str) -> bool:
+    """A path inside the run folder, as run.json's ``files`` names them: file names joined by ``/``."""
+    return all(is_slug(part) for part in text.split("/"))
 
 
 def _fractions(record: Record, names: tuple[str, ...]) -> None:

@@ -22,8 +22,8 @@ from advdetect.history import trend  # noqa: E402
 from advdetect.records import ADAPTIVE, PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
     derive_seed, display_strength  # noqa: E402
 from advdetect.robustness import robust_accuracy, worst_case  # noqa: E402
-from advdetect.rundir import MANIFEST, cell_fooled, cell_paths, read_adaptive, read_arrays, read_attack_records, \
-    read_detection, read_masking, read_run, read_scores, sample_arrays, update_run  # noqa: E402
+from advdetect.rundir import MANIFEST, bound, cell_fooled, cell_paths, read_adaptive, read_arrays, \
+    read_attack_records, read_detection, read_masking, read_run, read_scores, sample_arrays, update_run  # noqa: E402
 from advdetect.report_pdf import write_pdf  # noqa: E402
 from advdetect.storage import write_bytes, write_json  # noqa: E402
 
@@ -63,7 +63,7 @@ def load_cells(run_dir: Path) -> tuple[RunInfo, list[Cell]]:
             (record.robust_accuracy, record.robust_accuracy_ci_low,
              record.robust_accuracy_ci_high) = robust_accuracy(int(info.data["n"]), record.n_attacked, record.n_fooled)
         cell_rows = [r for r in rows if r.attack == record.attack and r.strength == record.strength]
-        cells.append(Cell(record, cell_rows, read_scores(run_dir, record, cell_rows)))
+        cells.append(Cell(record, cell_rows, read_scores(run_dir, record, cell_rows, info)))
     return info, cells
 
 
@@ -156,8 +156,9 @@ def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell], sample: d
         if isinstance(record, OodRecord) or not len(correct):
             continue
         _, path = cell_paths(run_dir, record.slug)
-        arrays = read_arrays(path, {"x_adv": ("f", (len(correct), *shape)), "fooled": ("b", (len(correct),)),
-                                    "pred": ("iu", (len(correct),))}, only_checked=True)
+        arrays = read_arrays(bound(run_dir, path, info), {"x_adv": ("f", (len(correct), *shape)),
+                                                          "fooled": ("b", (len(correct),)),
+                                                          "pred": ("iu", (len(correct),))}, only_checked=True)
         pool = np.flatnonzero(arrays["fooled"]) if arrays["fooled"].any() else np.arange(len(correct))
         rng = np.random.default_rng(derive_seed(info.seed, "thumbnails", record.key))
         picks = np.sort(rng.choice(pool, size=min(THUMBNAILS_PER_ATTACK, len(pool)), replace=False))
@@ -546,9 +547,9 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     info, cells = load_cells(run_dir)
     adaptive_rows, adaptive_scores = read_adaptive(run_dir, info)
-    sample = sample_arrays(run_dir)
+    sample = sample_arrays(run_dir, info)
     document = results_document(info, cells, worst_case_robustness(run_dir, cells, sample), adaptive_rows,
-                                read_masking(run_dir))
+                                read_masking(run_dir, info))
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
     thumbnails = attack_thumbnails(run_dir, info, cells, sample)
     with matplotlib.rc_context(LITERAL_TEXT):

@@ -4,7 +4,10 @@ Layout (every file written atomically, to a temporary name renamed into place):
 
 - ``.advdetect-run``: created exclusively when the folder is claimed, so two audits never share a
   folder; every command that writes into the run holds a lock on it.
-- ``run.json``: :class:`~advdetect.records.RunInfo`, what was audited and how; stage states and timings.
+- ``run.json``: :class:`~advdetect.records.RunInfo`, what was audited and how; stage states and timings;
+  the run's ``run_id`` and ``files``: the sha256 of every file below that a stage wrote and of the files
+  it was computed from, which every reader checks (:func:`bound`), so a file copied from another run
+  is refused.
 - ``manifest.json``: provenance for ``history`` and ``compare`` (status, hashes, verdict).
 - ``sample.npz``: the audited inputs ``x`` (float32, [0, 1]), labels ``y``, clean predictions ``pred``
   and ``logits``.
@@ -48,9 +51,33 @@ COMPLETE, RUNNING = "complete", "running"
 # --- claiming and locking -----------------------------------------------------------------------
 
 
+#: The longest file name and path the common file systems take (bytes), checked before any work.
+NAME_MAX, PATH_MAX = 255, 4095
+
+
+def check_path_text(path: Path, flag: str) -> None:
+    """Raise a UsageError for a path no file system here can take, or that is not UTF-8 text (the
+    run folder's JSON and HTML name their paths)."""
+    try:
+        encoded = [part.encode("utf-8") for part in path.absolute().parts]
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag} {path!s:.80} is not valid UTF-8 text; rename it or give another path") from None
+    if any(len(part) > NAME_MAX for part in encoded) or len(b"/".join(encoded)) > PATH_MAX:
+        raise UsageError(f"{flag} {str(path)[:60]}... is too long (at most {NAME_MAX} bytes a name and {PATH_MAX} "
+                         f"in all); give a shorter path")
+
+
 def check_creatable(path: Path, flag: str, *, empty: bool = False) -> None:
     """Raise a UsageError unless ``path`` is, or can be created as, a writable folder (an empty
     one with ``empty``)."""
+    check_path_text(path, flag)
+    try:
+        _check_creatable(path, flag, empty)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} cannot be used ({exc.strerror or exc}); give another path") from None
+
+
+def _check_creatable(path: Path, flag: str, empty: bool) -> None:
     if path.is_symlink() and not path.exists():
         raise UsageError(f"{flag} {path} is a link to {os.readlink(path)}, which does not exist; give another path")
     if path.exists():
@@ -75,6 +102,7 @@ def check_creatable(path: Path, flag: str, *, empty: bool = False) -> None:
 
 def check_writable_file(path: Path, flag: str) -> None:
     """Raise a UsageError unless a file can be written at ``path``."""
+    check_path_text(path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file path such as {path / 'audit.xml'}")
     if path.exists() and not os.access(path, os.W_OK):
@@ -201,6 +229,7 @@ def read_arrays(path: Path, shapes: dict[str, tuple[str, tuple[int | None, ...]]
 
 
 def read_run(run_dir: Path) -> RunInfo:
+    check_path_text(run_dir, "run folder")
     path = run_dir / RUN_JSON
     if not run_dir.is_dir():
         raise UsageError(f"run folder {run_dir} not found")
@@ -248,16 +277,108 @@ def detection_complete(run_dir: Path, info: RunInfo) -> bool:
     return (run_dir / "detection.json").is_file()  # written before run.json had stages
 
 
-def sample_arrays(run_dir: Path) -> dict[str, np.ndarray]:
-    path = run_dir / "sample.npz"
+# --- binding every file to its run --------------------------------------------------------------
+#
+# run.json's ``files`` records, for each file a stage wrote, its sha256 and those of the files it
+# was computed from; every reader checks both, so a file copied in from another run (another seed,
+# another suite's cell of the same name) is refused instead of published as this run's numbers.
+# A run folder written before ``run_id`` existed is read as before.
+
+#: sha256 of each version of a file read in this process: (path, inode, size, mtime, ctime) -> hex.
+_SHA256: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, hashed once per version of it in this process."""
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _SHA256:
+        if len(_SHA256) >= 4096:
+            _SHA256.clear()
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+def computed_from(records: list[AttackRecord]) -> list[str]:
+    """What the detect and adaptive stages' files are computed from: the sample, the reference
+    inputs and every cell's arrays (paths relative to the run folder)."""
+    return ["sample.npz", "reference.npz", *(f"adversarial/{record.slug}.npz" for record in records)]
+
+
+def cell_files(slug: str) -> dict[str, list[str]]:
+    """A cell's files and what they are computed from, for :func:`record_files`."""
+    return {f"adversarial/{slug}.npz": ["sample.npz"],
+            f"adversarial/{slug}.json": ["sample.npz", f"adversarial/{slug}.npz"]}
+
+
+def record_files(run_dir: Path, files: dict[str, list[str]]) -> None:
+    """Bind files a stage has just written to this run: record in run.json each one's sha256 and
+    those of the files it was computed from ({path: [input paths]}, relative to the run folder)."""
+    info = read_run(run_dir)
+    if not info.run_id:  # a run folder from before run ids stays as it was
+        return
+    recorded = {relative: {"sha256": file_sha256(run_dir / relative),
+                           "inputs": {name: file_sha256(run_dir / name) for name in inputs}}
+                for relative, inputs in files.items()}
+    update_run(run_dir, files={**info.files, **recorded})
+
+
+def rerun_hint(run_dir: Path, relative: str) -> str:
+    """How to get a file of the run again: the detect and adaptive stages' files by ``advdetect
+    detect``, the others by a new audit."""
+    if relative in ("detection.json", "adaptive.json") or relative.startswith("scores/"):
+        return f"rerun 'advdetect detect {run_dir}' to redo the detect stage"
+    return "rerun the same audit into a new folder"
+
+
+#: Why a file whose sha256 differs from run.json's record is refused (checked before its contents,
+#: so a truncated or edited file of a run with ``run_id`` is refused this way too).
+FOREIGN = ("it does not belong to this run: its contents differ from what run.json recorded (copied from another "
+           "run, or changed since?)")
+
+
+def bound(run_dir: Path, path: Path, info: RunInfo | None = None) -> Path:
+    """``path`` (a file of the run folder), once checked to be the file this run wrote and computed
+    from this run's inputs; a DamagedRunFolder naming the file otherwise. A missing file is left for
+    the reader to name; ``info`` is read from run.json when not given."""
+    info = read_run(run_dir) if info is None else info
+    if not info.run_id or not path.is_file():
+        return path
+    relative = path.relative_to(run_dir).as_posix()
+    entry = info.files.get(relative)
+    if entry is None:
+        raise damaged(path, "it does not belong to this run: run.json records no such file (copied from another "
+                            "run?)", rerun_hint(run_dir, relative))
+    if file_sha256(path) != entry["sha256"]:
+        raise damaged(path, FOREIGN, rerun_hint(run_dir, relative))
+    for name, sha256 in entry["inputs"].items():
+        source = run_dir / name
+        if not source.is_file():
+            raise damaged(source, "missing", rerun_hint(run_dir, name))
+        current = file_sha256(source)
+        if name in info.files and current != info.files[name]["sha256"]:
+            raise damaged(source, FOREIGN, rerun_hint(run_dir, name))
+        if current != sha256:
+            raise damaged(path, f"it does not belong to this run: it was computed from another {name} than this "
+                                f"run's (copied from another run?)", rerun_hint(run_dir, relative))
+    return path
+
+
+def sample_arrays(run_dir: Path, info: RunInfo | None = None) -> dict[str, np.ndarray]:
+    path = bound(run_dir, run_dir / "sample.npz", info)
     arrays = read_arrays(path, {"x": ("f", (None, None, None, None)), "y": ("iu", (None,)), "pred": ("iu", (None,))})
     if not len(arrays["x"]) == len(arrays["y"]) == len(arrays["pred"]):
         raise damaged(path, "x, y and pred differ in length")
     return arrays
 
 
-def reference_arrays(run_dir: Path, image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    path = run_dir / "reference.npz"
+def reference_arrays(run_dir: Path, image_shape: tuple[int, ...],
+                     info: RunInfo | None = None) -> dict[str, np.ndarray]:
+    path = bound(run_dir, run_dir / "reference.npz", info)
     arrays = read_arrays(path, {"x": ("f", (None, *image_shape)), "y": ("iu", (None,))})
     if len(arrays["x"]) != len(arrays["y"]):
         raise damaged(path, "x and y differ in length")
@@ -277,26 +398,27 @@ def read_attack_records(run_dir: Path, info: RunInfo | None = None) -> list[Atta
         if not path.exists():
             raise UsageError(f"{run_dir}: cell {key} has no results: the attack stage did not finish; run the same "
                              f"audit again into a new folder (finished cells come from the attack cache)")
-        record: AttackRecord = parse(AttackRecord, read_checked_json(path), path)
+        record: AttackRecord = parse(AttackRecord, read_checked_json(bound(run_dir, path, info)), path)
         if (record.key, record.slug) != (key, slug):
             raise damaged(path, f"it holds cell {json_preview(record.key)}, not {key}")
         records.append(record)
     return records
 
 
-def cell_arrays(run_dir: Path, record: AttackRecord, n_correct: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def cell_arrays(run_dir: Path, record: AttackRecord, n_correct: int, image_shape: tuple[int, ...],
+                info: RunInfo | None = None) -> dict[str, np.ndarray]:
     """A cell's ``x_adv`` and ``fooled``, one row per correctly classified input."""
     _, path = cell_paths(run_dir, record.slug)
-    arrays = read_arrays(path, {"x_adv": ("f", (n_correct, *image_shape)), "fooled": ("b", (n_correct,))})
+    arrays = read_arrays(bound(run_dir, path, info), {"x_adv": ("f", (n_correct, *image_shape)), "fooled": ("b", (n_correct,))})
     if int(arrays["fooled"].sum()) != record.n_fooled:
         raise damaged(path, f"it marks {int(arrays['fooled'].sum())} inputs fooled, its record {record.n_fooled}")
     return arrays
 
 
-def cell_fooled(run_dir: Path, record: AttackRecord, n_correct: int) -> np.ndarray:
+def cell_fooled(run_dir: Path, record: AttackRecord, n_correct: int, info: RunInfo | None = None) -> np.ndarray:
     """Which of the correctly classified inputs the cell's attack fooled (its ``x_adv`` left unread)."""
     _, path = cell_paths(run_dir, record.slug)
-    fooled = read_arrays(path, {"fooled": ("b", (n_correct,))}, only_checked=True)["fooled"]
+    fooled = read_arrays(bound(run_dir, path, info), {"fooled": ("b", (n_correct,))}, only_checked=True)["fooled"]
     if int(fooled.sum()) != record.n_fooled:
         raise damaged(path, f"it marks {int(fooled.sum())} inputs fooled, its record {record.n_fooled}")
     return fooled
@@ -308,7 +430,7 @@ def read_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord]) ->
     if not detection_complete(run_dir, info):
         raise UsageError(f"{run_dir}: the detect stage has not finished, so a report would be built from part of "
                          f"the run; {hint}")
-    path = run_dir / "detection.json"
+    path = bound(run_dir, run_dir / "detection.json", info)
     data = read_checked_json(path, hint)
     if not isinstance(data, list):
         raise damaged(path, f"expected a list of result rows, found {type(data).__name__}", hint)
@@ -321,7 +443,8 @@ def read_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord]) ->
     return rows
 
 
-def read_scores(run_dir: Path, record: AttackRecord, rows: list[ResultRow]) -> dict[str, np.ndarray]:
+def read_scores(run_dir: Path, record: AttackRecord, rows: list[ResultRow],
+                info: RunInfo | None = None) -> dict[str, np.ndarray]:
     """The test scores of one cell's scored rows."""
     path = run_dir / "scores" / f"{record.slug}.npz"
     hint = f"run 'advdetect detect {run_dir}' to redo the detect stage"
@@ -332,16 +455,16 @@ def read_scores(run_dir: Path, record: AttackRecord, rows: list[ResultRow]) -> d
             shapes[f"{row.protocol}__{row.detector}__adversarial"] = ("f", (row.n_adv,))
     if not shapes and not path.exists():
         return {}
-    return read_arrays(path, shapes, hint)
+    return read_arrays(bound(run_dir, path, info), shapes, hint)
 
 
-def read_masking(run_dir: Path) -> dict[str, Any] | None:
+def read_masking(run_dir: Path, info: RunInfo | None = None) -> dict[str, Any] | None:
     """The attack stage's gradient-masking checks (``masking.json``); None for a run made before them
     or an out-of-distribution run."""
     path = run_dir / "masking.json"
     if not path.exists():
         return None
-    data = read_checked_json(path)
+    data = read_checked_json(bound(run_dir, path, info))
     symptoms = data.get("symptoms") if isinstance(data, dict) else None
     if not isinstance(symptoms, list) or not all(
             isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("observed"), bool)
@@ -360,7 +483,7 @@ def read_adaptive(run_dir: Path, info: RunInfo) -> tuple[list[ResultRow], dict[s
     if info.stages.get("adaptive") != COMPLETE:
         raise UsageError(f"{run_dir}: the adaptive stage has not finished, so a report would be built from part of "
                          f"the run; {hint}")
-    path = run_dir / "adaptive.json"
+    path = bound(run_dir, run_dir / "adaptive.json", info)
     data = read_checked_json(path, hint)
     if not isinstance(data, list):
         raise damaged(path, f"expected a list of result rows, found {type(data).__name__}", hint)
@@ -373,7 +496,7 @@ def read_adaptive(run_dir: Path, info: RunInfo) -> tuple[list[ResultRow], dict[s
         shapes[f"{row.detector}__clean"] = ("f", (row.n_clean,))
         shapes[f"{row.detector}__adversarial"] = ("f", (row.n_adv,))
         shapes[f"{row.detector}__oblivious"] = ("f", (None,))
-    return rows, read_arrays(run_dir / "scores" / "adaptive.npz", shapes, hint)
+    return rows, read_arrays(bound(run_dir, run_dir / "scores" / "adaptive.npz", info), shapes, hint)
 
 
 def read_results(path: Path) -> dict[str, Any]:

@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from advdetect.pipeline import run_audit
-from advdetect.preflight import AuditOptions
+from advdetect.preflight import AuditOptions, prepare
 
 
 def measure(options: AuditOptions, sizes: Sequence[int]) -> dict[str, Any]:
-    """Run the audit of ``options`` once per size of ``sizes``; seconds per stage, detector and attack."""
+    """Run the audit of ``options`` once per size of ``sizes``; seconds per stage, detector and attack.
+    Every size is checked before the first audit runs, so a size the data cannot give is refused
+    before any work."""
+    for n in sizes:
+        prepare(dataclasses.replace(options, n=n, cache_dir=None))
     runs = []
     with tempfile.TemporaryDirectory(prefix="advdetect-bench-") as scratch:
         for n in sizes:

@@ -247,6 +247,10 @@ def builtin_suites() -> list[str]:
 
 def load_suite(ref: str) -> Suite:
     """Load a suite from a file path, or by name from the suites that ship with advdetect."""
+    try:
+        ref.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"suite {ref!r} is not a valid UTF-8 file name; rename the file") from None
     path = Path(ref)
     if path.is_file():
         return parse_suite(_read(path), name=path.stem, source=str(path))

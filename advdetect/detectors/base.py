@@ -51,6 +51,11 @@ class Detector(BaseEstimator, ABC):
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError when a hyperparameter cannot apply to ``model`` (checked before an audit's work)."""
 
+    def inputs_at_once(self, batch_size: int) -> int:
+        """The most inputs one forward pass of :meth:`signatures` holds at ``batch_size``, so an
+        audit can refuse settings that cannot fit in memory before any work."""
+        return batch_size
+
     def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> "Detector":
         """Fit model-space state on clean reference inputs with their labels."""
         return self

@@ -127,6 +127,9 @@ class ConfoundingSignatures(Detector):
     def check_model(self, model: nn.Module) -> None:
         self._kept(model)
 
+    def inputs_at_once(self, batch_size: int) -> int:
+        return batch_size * (self.noise_draws if self.noise_levels else 1)  # every noisy copy of a batch at once
+
     def _kept(self, model: nn.Module) -> list[int] | slice:
         if not self.layers:
             return slice(None)
