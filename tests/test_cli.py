@@ -126,7 +126,7 @@ def test_console_entry_point_exits_2_on_bad_input(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("advdetect: error: suite file 'nope.toml' not found; "
-                                     "give a TOML suite path or one of: autoattack, default, nightly, standard")
+                                     "give a TOML suite path or one of: adaptive, autoattack, default, nightly, standard")
     assert not (tmp_path / "run").exists()
 
 

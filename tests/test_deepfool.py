@@ -90,7 +90,8 @@ def test_an_input_its_step_leaves_unchanged_is_dropped_from_the_batch():
     x = 0.2 + 0.6 * torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(8))
     y = predict(model, x)
     (theirs, their_targets), (ours, our_targets) = both(model, x, y, steps=50)
-    assert torch.equal(torchattacks.DeepFool(model, steps=25)(x, y), theirs)  # a fixed point for torchattacks too
+    # a fixed point for torchattacks too, to a float32 ulp (on some CPUs one input settles after step 25)
+    torch.testing.assert_close(torchattacks.DeepFool(model, steps=25)(x, y), theirs, atol=1e-7, rtol=0)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     assert torch.equal(our_targets, their_targets)
     # Not the predictions: on a logit tie the class comes down to rounding, which batching changes.

@@ -71,7 +71,7 @@ def test_check_input_errors_exit_2(suite_file, tmp_path, capsys):
     assert main(["check", "default", "--out", str(tmp_path / "x")]) == 2
     assert "has no thresholds to check" in capsys.readouterr().err
     assert main(["check", suite_file(), "--detectors", "confounding_gradient", "--out", str(tmp_path / "x")]) == 2
-    assert "check detector(s) msp, which --detectors does not run" in capsys.readouterr().err
+    assert "check detector(s) msp, which this audit does not run" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

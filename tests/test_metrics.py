@@ -21,9 +21,21 @@ def test_hand_computed_case():
 def test_perfect_and_inverted_detectors():
     perfect = detection_metrics(np.array([0.0, 0.1, 0.2]), np.array([0.5, 0.9]))
     assert perfect == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr_at_95tpr": 0.0, "tnr_at_95tpr": 1.0,
-                       "detection_accuracy": 1.0}
+                       "detection_accuracy": 1.0, "tpr_at_5fpr": 1.0}
     inverted = detection_metrics(np.array([0.5, 0.9]), np.array([0.0, 0.1, 0.2]))
     assert inverted["auroc"] == 0.0 and inverted["fpr_at_95tpr"] == 1.0 and inverted["detection_accuracy"] == 0.5
+    assert inverted["tpr_at_5fpr"] == 0.0
+
+
+def test_tpr_at_5fpr_and_its_threshold_flag_at_most_5_percent_of_clean_inputs():
+    from advdetect.metrics import threshold_at_fpr
+
+    clean = np.arange(100) / 100.0  # 0.00 .. 0.99: the top 5 (0.95 .. 0.99) may be flagged
+    adversarial = np.r_[np.full(30, 0.97), np.full(70, 0.5)]
+    assert detection_metrics(clean, adversarial)["tpr_at_5fpr"] == 0.3
+    threshold = threshold_at_fpr(clean)
+    assert (clean >= threshold).sum() == 5 and 0.94 < threshold <= 0.95
+    assert (adversarial >= threshold).mean() == 0.3
 
 
 def test_fpr_at_95tpr_takes_the_threshold_reaching_95_percent():
