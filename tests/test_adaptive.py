@@ -31,7 +31,7 @@ def test_an_adaptive_table_defaults_to_the_suites_middle_pgd_budget():
 @pytest.mark.parametrize("table, message", [
     ("[adaptive]\nbudget = 1", "unknown key(s) budget"),
     ("[adaptive]\neps = 0.3", "eps 0.3 is not one of attack pgd's strengths"),
-    ("[adaptive]\nmethod = 'magic'", "method must be one of orthogonal, selective, combined"),
+    ("[adaptive]\nmethod = 'magic'", "method must be one of selective, orthogonal, combined"),
     ("[adaptive]\nsteps = 0", "steps must be a whole number above 0"),
     ("[adaptive]\nsteps = 2.5", "steps must be a whole number above 0"),
     ("[adaptive]\nalpha = -1", "alpha must be a finite number above 0"),
@@ -163,12 +163,12 @@ def test_an_adaptive_audit_writes_rows_that_beat_the_oblivious_attack_and_gates_
         for field in ("tpr_at_5fpr", "undetected_success_rate", "auroc", "oblivious_tpr_at_5fpr",
                       "oblivious_undetected_success_rate", "oblivious_auroc", "oblivious_attack_success_rate"):
             assert 0 <= row[field] <= 1, field
-        assert row["undetected_success_rate"] >= row["oblivious_undetected_success_rate"]
+        assert row["undetected_success_rate"] >= row["oblivious_undetected_success_rate"]  # never weaker
         assert row["detector_params"]["threshold"] is not None and row["detector_params"]["gradient"] == "exact"
-    msp = next(r for r in adaptive if r["detector"] == "msp")
-    assert msp["tpr_at_5fpr"] < 0.1  # a differentiable confidence score collapses
+    # and stronger somewhere: knowing the detector gets more inputs past it
+    assert any(r["undetected_success_rate"] > r["oblivious_undetected_success_rate"] for r in adaptive)
     seen = [r for r in document["results"] if r["protocol"] == "seen" and r["auroc"] is not None]
     assert seen and all(r["tpr_at_5fpr"] is not None and r["undetected_success_rate"] is not None for r in seen)
     assert set(document["adaptive_timings"]) == {"msp", "energy"}
     html = (out / "report.html").read_text()
-    assert "Against an attacker who knows the detector" in html and "msp (collapses)" in html
+    assert "Against an attacker who knows the detector" in html and "Selective PGD (Linf, eps 0.1, 20 steps)" in html
