@@ -424,6 +424,14 @@ def cell_fooled(run_dir: Path, record: AttackRecord, n_correct: int, info: RunIn
     return fooled
 
 
+def result_rows(path: Path, hint: str) -> list[ResultRow]:
+    """The result rows of a JSON list file, each checked."""
+    data = read_checked_json(path, hint)
+    if not isinstance(data, list):
+        raise damaged(path, f"expected a list of result rows, found {type(data).__name__}", hint)
+    return [parse(ResultRow, row, path, f"row {i + 1}: ", hint) for i, row in enumerate(data)]
+
+
 def read_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord]) -> list[ResultRow]:
     """The detect stage's rows; refuses an unfinished or partial detect stage."""
     hint = f"run 'advdetect detect {run_dir}' to redo the detect stage"
@@ -431,10 +439,7 @@ def read_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord]) ->
         raise UsageError(f"{run_dir}: the detect stage has not finished, so a report would be built from part of "
                          f"the run; {hint}")
     path = bound(run_dir, run_dir / "detection.json", info)
-    data = read_checked_json(path, hint)
-    if not isinstance(data, list):
-        raise damaged(path, f"expected a list of result rows, found {type(data).__name__}", hint)
-    rows: list[ResultRow] = [parse(ResultRow, row, path, f"row {i + 1}: ", hint) for i, row in enumerate(data)]
+    rows = result_rows(path, hint)
     have = {(r.attack, r.strength, r.detector) for r in rows}
     for record in records:
         for detector in info.detectors:
@@ -484,10 +489,7 @@ def read_adaptive(run_dir: Path, info: RunInfo) -> tuple[list[ResultRow], dict[s
         raise UsageError(f"{run_dir}: the adaptive stage has not finished, so a report would be built from part of "
                          f"the run; {hint}")
     path = bound(run_dir, run_dir / "adaptive.json", info)
-    data = read_checked_json(path, hint)
-    if not isinstance(data, list):
-        raise damaged(path, f"expected a list of result rows, found {type(data).__name__}", hint)
-    rows: list[ResultRow] = [parse(ResultRow, row, path, f"row {i + 1}: ", hint) for i, row in enumerate(data)]
+    rows = result_rows(path, hint)
     for detector in spec["detectors"] or info.detectors:
         if not any(r.detector == detector and r.protocol == "adaptive" and r.strength == spec["eps"] for r in rows):
             raise damaged(path, f"it has no adaptive row for {detector}", hint)
