@@ -83,7 +83,7 @@ def adaptive_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
         detector_started = time.perf_counter()
         detector = build_detector(name, variants)
         fitted = fit_as_seen(detector, model, x, fit, oblivious, reference, info.batch_size)
-        threshold = threshold_at_fpr(fitted.scores(x[fit]))
+        threshold = threshold_at_fpr(fitted.calibration_scores)
         attack = OrthogonalPGD(model, eps=spec["eps"], alpha=spec["alpha"], steps=spec["steps"], norm=spec["norm"],
                                method=spec["method"], lam=spec["lam"], threshold=threshold,
                                score=lambda inputs: detector.torch_scores(model, inputs))
@@ -113,9 +113,12 @@ def adaptive_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
 class Fitted:
     """A detector fitted as under ``seen``, and its own (non-differentiable) scores."""
 
-    def __init__(self, detector: Detector, model: nn.Module, batch_size: int, n_fit: int) -> None:
+    def __init__(self, detector: Detector, model: nn.Module, batch_size: int, n_fit: int,
+                 calibration: np.ndarray) -> None:
         self.detector, self.model, self.batch_size, self.n_fit = detector, model, batch_size, n_fit
         self.params = detector.fitted_params()
+        #: scores of the clean calibration inputs, which set the threshold
+        self.calibration_scores = detector.score_samples(calibration)
 
     def scores(self, inputs: torch.Tensor) -> np.ndarray:
         if not len(inputs):
@@ -129,13 +132,15 @@ def fit_as_seen(detector: Detector, model: nn.Module, x: torch.Tensor, fit: np.n
     detector uses adversarial examples, else on the reference inputs (as the detect stage does)."""
     reference_x = torch.from_numpy(reference["x"])
     detector.prepare(model, reference_x, torch.from_numpy(reference["y"]), batch_size=batch_size)
+    rows = np.flatnonzero(fit)
+    calibration = detector.signatures(model, x[rows], batch_size=batch_size)  # once: the fit and the threshold
     if detector.uses_adversarial:
-        pairs = np.flatnonzero(fit & oblivious["fooled"])
-        detector.fit(detector.signatures(model, x[pairs], batch_size=batch_size),
-                     detector.signatures(model, torch.from_numpy(oblivious["x_adv"][pairs]), batch_size=batch_size))
-        return Fitted(detector, model, batch_size, len(pairs))
+        paired = oblivious["fooled"][rows]
+        detector.fit(calibration[paired], detector.signatures(model, torch.from_numpy(oblivious["x_adv"][rows[paired]]),
+                                                              batch_size=batch_size))
+        return Fitted(detector, model, batch_size, int(paired.sum()), calibration)
     detector.fit(detector.signatures(model, reference_x, batch_size=batch_size))
-    return Fitted(detector, model, batch_size, 0)
+    return Fitted(detector, model, batch_size, 0, calibration)
 
 
 def run_attack(attack: OrthogonalPGD, x: torch.Tensor, y: torch.Tensor, oblivious: torch.Tensor,
