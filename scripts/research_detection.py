@@ -30,9 +30,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from advdetect.detectors.base import fit_logistic, rank_auroc
-from advdetect.features import confounding_gradient_features, prediction_instability
-from advdetect.models import ModelOptions, load_model
-from advdetect.rundir import cell_arrays, read_attack_records, read_run, sample_arrays
+from advdetect.signatures.features import confounding_gradient_features, prediction_instability
+from advdetect.sources.models import ModelOptions, load_model
+from advdetect.run.folder import cell_arrays, read_attack_records, read_run, sample_arrays
 
 NOISE_LEVELS = (0.01, 0.02, 0.04, 0.08)
 DRAWS = 8
@@ -54,7 +54,7 @@ def boundary(model: torch.nn.Module, x: torch.Tensor, batch_size=64) -> np.ndarr
 
 def logit_stats(model: torch.nn.Module, x: torch.Tensor, batch_size=256) -> np.ndarray:
     from advdetect.detectors.confounding_gradient import output_statistics
-    from advdetect.inference import batched_logits
+    from advdetect.signatures.inference import batched_logits
     return output_statistics(batched_logits(model, x, batch_size))
 
 
@@ -232,7 +232,7 @@ def agnostic(run_dir: Path, path: Path) -> None:
     run's reference inputs, scored on the stored signatures (softmax confounding + instability,
     the same functions and noise) of the audited clean inputs and of every attack."""
     from advdetect.detectors.confounding_gradient_agnostic import ConfoundingGradientAgnostic
-    from advdetect.rundir import reference_arrays
+    from advdetect.run.folder import reference_arrays
 
     info = read_run(run_dir)
     model = load_model(info.model["spec"], ModelOptions.from_dict(info.model["options"])).module.eval()

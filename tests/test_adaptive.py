@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from advdetect.checks import FAILED, PASSED, evaluate, plan_checks, plan_from_document
-from advdetect.cli import main
+from advdetect.run.checks import FAILED, PASSED, evaluate, plan_checks, plan_from_document
+from advdetect.cli.commands import main
 from advdetect.errors import UsageError
-from advdetect.suite import parse_suite, suite_from_document
+from advdetect.config.suite import parse_suite, suite_from_document
 
 PGD = """
 [[attack]]
@@ -113,7 +113,7 @@ class Rounded(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from advdetect.embedded import default_model
+        from advdetect.sources.embedded import default_model
 
         self.net = default_model()
 

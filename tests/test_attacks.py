@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from advdetect.attacks import ATTACKS, get_attack
-from advdetect.attack_stage import attack_cell
+from advdetect.stages.attack import attack_cell
 from advdetect.errors import UsageError
-from advdetect.suite import parse_suite
+from advdetect.config.suite import parse_suite
 
 
 def cell(text: str):

@@ -13,8 +13,8 @@ from torch import nn
 from advdetect.attacks import ATTACKS, NOT_PROBED, get_attack
 from advdetect.attacks.autoattack import AutoAttack
 from advdetect.errors import UsageError
-from advdetect.preflight import probe_attacks
-from advdetect.suite import load_suite, parse_suite
+from advdetect.stages.preflight import probe_attacks
+from advdetect.config.suite import load_suite, parse_suite
 
 N = 20
 EPS = 0.1  # Linf, on 8x8 digits in [0, 1]: about half the inputs stay robust

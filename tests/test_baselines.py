@@ -11,7 +11,7 @@ from torch import nn
 from advdetect.detectors import DETECTORS, get_detector
 from advdetect.detectors.kd_bu import log_kernel_density
 from advdetect.detectors.lid import lid_mle
-from advdetect.metrics import detection_metrics
+from advdetect.run.metrics import detection_metrics
 
 BASELINES = ("msp", "odin", "energy", "mahalanobis", "lid", "kd_bu", "gradnorm")
 

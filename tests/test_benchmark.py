@@ -1,7 +1,7 @@
 import torch
 
-from advdetect.benchmark import CifarResNet18, peak_memory, vmap_features
-from advdetect.features import per_sample_loop_features
+from advdetect.cli.bench import CifarResNet18, peak_memory, vmap_features
+from advdetect.signatures.features import per_sample_loop_features
 
 
 def test_peak_memory_grows_with_the_chunk_not_with_a_large_parent():

@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from advdetect import attack_stage, embedded
-from advdetect.cache import AttackCache, attack_budget, gradient_fingerprint, quantized
-from advdetect.cli import main
-from advdetect.models import state_dict_sha256
-from advdetect.storage import save_arrays
+from advdetect.sources import embedded
+from advdetect.stages import attack as attack_stage
+from advdetect.attacks.cache import AttackCache, attack_budget, gradient_fingerprint, quantized
+from advdetect.cli.commands import main
+from advdetect.sources.models import state_dict_sha256
+from advdetect.run.storage import save_arrays
 
 SUITE = """
 [[attack]]
@@ -74,7 +75,7 @@ def test_a_corrupt_cache_entry_is_recomputed_not_trusted(audit_twice, tmp_path, 
 def test_an_entry_under_the_wrong_key_is_not_trusted(tmp_path):
     import torch
 
-    from advdetect.cache import AttackCache
+    from advdetect.attacks.cache import AttackCache
 
     cache = AttackCache(tmp_path)
     x = torch.rand(3, 1, 4, 4)
@@ -288,7 +289,7 @@ eps = [0.3]
 
 ROUNDING_MODEL = """
 import torch
-from advdetect.embedded import TRAINING, SmallCNN, default_model
+from advdetect.sources.embedded import TRAINING, SmallCNN, default_model
 
 
 class RoundsItsInput(SmallCNN):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from helpers import TINY_SUITE
 
-from advdetect.cli import main
+from advdetect.cli.commands import main
 from advdetect.detectors import DETECTORS
-from advdetect.metrics import METRIC_NAMES
+from advdetect.run.metrics import METRIC_NAMES
 
 ROW_KEYS = {"attack", "strength_name", "strength", "detector", "protocol", "n_clean", "n_adv", "attack_success_rate",
             *METRIC_NAMES, "reason"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_SUITE
 
-from advdetect.cli import audit_options, build_parser, main
+from advdetect.cli.commands import audit_options, build_parser, main
 from advdetect.errors import ExitCode
 
 
@@ -150,7 +150,7 @@ def test_train_default_writes_weights_an_audit_can_load(tmp_path, capsys):
     said = capsys.readouterr().out
     accuracy = float(said.split("test accuracy ")[1].split()[0])
     assert accuracy > 0.8, said
-    from advdetect.embedded import default_model
+    from advdetect.sources.embedded import default_model
 
     model = default_model(out)  # the weights load into the default architecture
     assert model.training is False

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from advdetect.embedded import NUM_CLASSES, TEST_PER_CLASS, mnist_splits, test_split
+from advdetect.sources.embedded import NUM_CLASSES, TEST_PER_CLASS, mnist_splits, test_split
 from advdetect.errors import UsageError
-from advdetect.datasets import DataOptions, load_data, stratified_indices
+from advdetect.sources.datasets import DataOptions, load_data, stratified_indices
 
 
 def test_stratified_sample_is_balanced_deterministic_and_seeded():

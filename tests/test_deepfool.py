@@ -9,10 +9,10 @@ import torch
 import torchattacks
 from torch import nn
 
-from advdetect import attack_stage
+from advdetect.stages import attack as attack_stage
 from advdetect.attacks import ATTACKS, get_attack, register_attack
 from advdetect.attacks.deepfool import DeepFool
-from advdetect.suite import parse_suite
+from advdetect.config.suite import parse_suite
 
 N_CLASSES = 4
 

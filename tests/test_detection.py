@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from advdetect.cli import main
-from advdetect.detect_stage import noisy_copies, unseen_source
-from advdetect.records import AttackRecord
+from advdetect.cli.commands import main
+from advdetect.stages.detect import noisy_copies, unseen_source
+from advdetect.run.records import AttackRecord
 
 SUITE = """
 [[attack]]

@@ -5,8 +5,8 @@ from sklearn.exceptions import NotFittedError
 
 from advdetect.detectors import DETECTORS, get_detector
 from advdetect.errors import UsageError
-from advdetect.features import confounding_gradient_features
-from advdetect.metrics import detection_metrics
+from advdetect.signatures.features import confounding_gradient_features
+from advdetect.run.metrics import detection_metrics
 
 
 def test_registry_holds_the_detectors_and_rejects_unknown_names():
@@ -97,7 +97,7 @@ def _boundary_model() -> torch.nn.Module:
 
 
 def test_the_sensitive_variant_joins_instability_to_the_confounding_signature():
-    from advdetect.features import prediction_instability
+    from advdetect.signatures.features import prediction_instability
 
     model, inputs = _boundary_model(), torch.rand(6, 1, 2, 2)
     detector = get_detector("confounding_gradient")(loss="softmax_bce", noise_levels=[0.02, 0.08], noise_draws=4)
@@ -110,8 +110,8 @@ def test_the_sensitive_variant_joins_instability_to_the_confounding_signature():
 
 def test_an_audit_computes_a_block_two_variants_share_once(monkeypatch):
     """The softmax variant's gradient norms are the sensitive variant's first columns: one computation."""
-    from advdetect import features
-    from advdetect.detect_stage import Signatures
+    from advdetect.signatures import features
+    from advdetect.stages.detect import Signatures
 
     calls = []
     computed = features.confounding_gradient_features

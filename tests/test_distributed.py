@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from helpers import TINY_SUITE, results_without_timings
 
-from advdetect.cli import main
-from advdetect.distributed import World
+from advdetect.cli.commands import main
+from advdetect.stages.distributed import World
 
 AUDIT = ["--n", "60", "--n-reference", "40", "--batch-size", "16", "--detectors", "msp,kd_bu,confounding_gradient"]
 

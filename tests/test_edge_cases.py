@@ -14,15 +14,15 @@ from helpers import TINY_SUITE
 from torch import nn
 
 import advdetect
-from advdetect import report, report_pdf
-from advdetect.attack_stage import adversarial_predictions
-from advdetect.datasets import stratified_indices
+from advdetect.report import document as report, pdf as report_pdf
+from advdetect.stages.attack import adversarial_predictions
+from advdetect.sources.datasets import stratified_indices
 from advdetect.errors import UsageError
-from advdetect.inference import batched_logits
-from advdetect.models import ModelOptions, load_model
-from advdetect.options import OPTIONS_BY_NAME, InvalidValue
-from advdetect.preflight import build_options, prepare
-from advdetect.suite import load_suite
+from advdetect.signatures.inference import batched_logits
+from advdetect.sources.models import ModelOptions, load_model
+from advdetect.config.options import OPTIONS_BY_NAME, InvalidValue
+from advdetect.stages.preflight import build_options, prepare
+from advdetect.config.suite import load_suite
 
 N, N_DATA, N_REFERENCE = 10, 60, 30
 

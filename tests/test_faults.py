@@ -14,9 +14,9 @@ import pytest
 from helpers import TINY_SUITE
 import torch
 
-from advdetect.cli import main
+from advdetect.cli.commands import main
 from advdetect.errors import ExitCode
-from advdetect.rundir import claim_new
+from advdetect.run.folder import claim_new
 
 
 MODELS = '''
@@ -235,7 +235,7 @@ def test_two_audits_started_together_in_one_root_keep_their_own_folders(workdir)
 
 
 def test_a_run_folder_in_use_is_refused(audited_copy, capsys):
-    from advdetect.rundir import locked
+    from advdetect.run.folder import locked
 
     with locked(audited_copy):
         assert main(["report", str(audited_copy)]) == ExitCode.USAGE_ERROR
@@ -401,12 +401,12 @@ def test_user_strings_render_literally_in_the_figures(workdir):
 
 
 def test_an_internal_error_is_exit_3_with_the_traceback_saved(workdir, monkeypatch, capsys):
-    import advdetect.pipeline
+    import advdetect.stages.pipeline
 
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(advdetect.pipeline, "detect_stage", broken)
+    monkeypatch.setattr(advdetect.stages.pipeline, "detect_stage", broken)
     assert main(tiny_audit("--out", "run")) == ExitCode.INTERNAL_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     log = Path("run") / "error.log"

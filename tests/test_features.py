@@ -5,7 +5,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from advdetect import confounding_gradient_features
-from advdetect.features import confounding_loss, parameter_names
+from advdetect.signatures.features import confounding_loss, parameter_names
 
 
 def reference_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -62,8 +62,8 @@ def test_uses_eval_mode_and_restores_mode_and_frozen_parameters(tiny_model, tiny
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from advdetect import features as features_module  # noqa: E402
-from advdetect.features import per_sample_loop_features  # noqa: E402
+from advdetect.signatures import features as features_module  # noqa: E402
+from advdetect.signatures.features import per_sample_loop_features  # noqa: E402
 
 
 class BasicBlock(nn.Module):
@@ -195,7 +195,7 @@ def test_l1_norm_ablation_is_the_l1_norm_of_each_gradient(tiny_model, tiny_input
 def test_prediction_instability_by_hand():
     import numpy as np
 
-    from advdetect.features import prediction_instability
+    from advdetect.signatures.features import prediction_instability
 
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).eval()

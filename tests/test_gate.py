@@ -7,8 +7,8 @@ from xml.etree import ElementTree
 
 import pytest
 
-from advdetect.cli import main
-from advdetect.storage import read_json, write_json
+from advdetect.cli.commands import main
+from advdetect.run.storage import read_json, write_json
 
 SUITE = """
 [thresholds]

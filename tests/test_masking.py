@@ -1,4 +1,4 @@
-"""Gradient-masking symptoms (advdetect.masking): the decision rules on hand-made counts, and the
+"""Gradient-masking symptoms (advdetect.attacks.masking): the decision rules on hand-made counts, and the
 check on tiny models built to show each symptom, beside an honest model that shows none.
 
 Every model is the same small MLP, trained for a second on scikit-learn's 8x8 digits (grey levels
@@ -18,7 +18,7 @@ from torchattacks.attack import Attack
 from sklearn.datasets import load_digits
 from torch import nn
 
-from advdetect.masking import NAMES, Symptom, beats, decide, masking_symptoms, suspected
+from advdetect.attacks.masking import NAMES, Symptom, beats, decide, masking_symptoms, suspected
 
 EPS = 1 / 16  # one grey level of the digits
 GRID = 16

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from advdetect.metrics import detection_metrics
+from advdetect.run.metrics import detection_metrics
 
 
 def test_hand_computed_case():
@@ -28,7 +28,7 @@ def test_perfect_and_inverted_detectors():
 
 
 def test_tpr_at_5fpr_and_its_threshold_flag_at_most_5_percent_of_clean_inputs():
-    from advdetect.metrics import threshold_at_fpr
+    from advdetect.run.metrics import threshold_at_fpr
 
     clean = np.arange(100) / 100.0  # 0.00 .. 0.99: the top 5 (0.95 .. 0.99) may be flagged
     adversarial = np.r_[np.full(30, 0.97), np.full(70, 0.5)]
@@ -47,7 +47,7 @@ def test_fpr_at_95tpr_takes_the_threshold_reaching_95_percent():
 
 
 def test_bootstrap_interval_brackets_the_auroc_and_shrinks_with_more_data():
-    from advdetect.metrics import bootstrap_auroc_ci
+    from advdetect.run.metrics import bootstrap_auroc_ci
 
     rng = np.random.default_rng(0)
     small = rng.normal(0, 1, 30), rng.normal(1, 1, 30)

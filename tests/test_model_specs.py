@@ -13,12 +13,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import advdetect
-from advdetect._robustbench_compat import import_torchvision
-from advdetect.datasets import DataOptions, load_data, sample_tensors
+from advdetect.sources._robustbench_compat import import_torchvision
+from advdetect.sources.datasets import DataOptions, load_data, sample_tensors
 from advdetect.errors import UsageError
-from advdetect.models import ModelOptions, load_model
-from advdetect import preflight
-from advdetect.preflight import build_options, prepare
+from advdetect.sources.models import ModelOptions, load_model
+from advdetect.stages import preflight
+from advdetect.stages.preflight import build_options, prepare
 
 import_torchvision()  # torchvision (and timm, which imports it) need the workaround with a CPU build of torch
 import timm  # noqa: E402

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from advdetect.errors import UsageError
-from advdetect.models import ModelOptions, Normalized, ThreatModel, load_model
+from advdetect.sources.models import ModelOptions, Normalized, ThreatModel, load_model
 
 MODEL_SOURCE = textwrap.dedent('''
     import torch
@@ -110,7 +110,7 @@ ROBUSTBENCH_NAME = "Ding2020MMA"  # a WideResNet-28-4, the smallest CIFAR-10 Lin
 
 @pytest.fixture
 def zoo_model():
-    from advdetect._robustbench_compat import robustbench_utils
+    from advdetect.sources._robustbench_compat import robustbench_utils
 
     robustbench_utils()
     from robustbench.model_zoo import model_dicts

@@ -7,7 +7,7 @@ from torch import nn
 
 from advdetect.attacks import get_attack
 from advdetect.attacks.orthogonal_pgd import OrthogonalPGD
-from advdetect.metrics import threshold_at_fpr
+from advdetect.run.metrics import threshold_at_fpr
 
 
 def smooth_images(n: int, seed: int) -> torch.Tensor:

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advdetect.attacks import get_attack
-from advdetect.attack_stage import attack_cell
-from advdetect.preflight import probe_attacks
-from advdetect.cli import main
+from advdetect.stages.attack import attack_cell
+from advdetect.stages.preflight import probe_attacks
+from advdetect.cli.commands import main
 from advdetect.errors import ExitCode, UsageError
-from advdetect.suite import parse_suite
+from advdetect.config.suite import parse_suite
 
 ATTACKS = ("fgsm", "pgd", "bim", "cw", "deepfool", "apgd")
 SETTINGS = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

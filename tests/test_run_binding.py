@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advdetect.cli import main
+from advdetect.cli.commands import main
 from advdetect.errors import ExitCode
 
 SUITE = '[[attack]]\nname = "fgsm"\neps = [0.3]\n'
@@ -32,7 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "suite.toml").write_text(SUITE)
     (root / "other.toml").write_text(OTHER_SUITE)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("advdetect.attack_stage.MASKING_INPUTS", 4)  # the gradient-masking checks, on few inputs
+        patch.setattr("advdetect.stages.attack.MASKING_INPUTS", 4)  # the gradient-masking checks, on few inputs
         for name, suite, seed in (("a", "suite.toml", "0"), ("b", "suite.toml", "1"), ("c", "other.toml", "0")):
             assert main(["-q", "audit", str(root / suite), "--n", "40", "--seed", seed, "--detectors", "msp",
                          "--no-cache", "--out", str(root / name)]) == ExitCode.OK

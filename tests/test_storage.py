@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from advdetect.storage import atomic_write, load_arrays, read_json, save_arrays, write_json
+from advdetect.run.storage import atomic_write, load_arrays, read_json, save_arrays, write_json
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

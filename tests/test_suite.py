@@ -3,7 +3,7 @@ import re
 import pytest
 
 from advdetect.errors import UsageError
-from advdetect.suite import Thresholds, builtin_suites, load_suite, parse_suite, suite_from_document
+from advdetect.config.suite import Thresholds, builtin_suites, load_suite, parse_suite, suite_from_document
 
 PGD = """
 [[attack]]

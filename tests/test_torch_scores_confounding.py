@@ -1,5 +1,5 @@
 """Differentiable scores of the confounding-gradient detectors, for adaptive attacks: the gradient
-norms of :func:`advdetect.features.confounding_gradient_torch` against the detached features, each
+norms of :func:`advdetect.signatures.features.confounding_gradient_torch` against the detached features, each
 detector's ``torch_scores`` against ``score_samples(signatures(...))``, and the input gradient an
 attacker gets from them."""
 
@@ -10,11 +10,11 @@ import torchattacks
 from scipy.stats import spearmanr
 from torch import nn
 
-from advdetect import features as features_module
+from advdetect.signatures import features as features_module
 from advdetect.detectors.confounding_gradient import ConfoundingGradient
 from advdetect.detectors.confounding_gradient_agnostic import ConfoundingGradientAgnostic, boundary_step
 from advdetect.detectors.confounding_gradient_oneclass import ConfoundingGradientOneClass
-from advdetect.features import (confounding_gradient_features, confounding_gradient_torch, per_sample_loop_features,
+from advdetect.signatures.features import (confounding_gradient_features, confounding_gradient_torch, per_sample_loop_features,
                                 prediction_instability)
 
 

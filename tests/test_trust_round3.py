@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import advdetect
-from advdetect.cli import main
+from advdetect.cli.commands import main
 from advdetect.errors import UsageError
-from advdetect.ood import _photos
-from advdetect.preflight import build_options
+from advdetect.stages.ood import _photos
+from advdetect.stages.preflight import build_options
 
 
 def test_a_model_on_the_meta_device_is_refused_before_any_work(tmp_path):
@@ -62,7 +62,7 @@ def test_ood_photos_fit_images_larger_than_the_photos():
 
 
 def test_project_defaults_are_never_read_from_above_the_project_root(tmp_path, monkeypatch):
-    from advdetect.options import find_pyproject, resolve
+    from advdetect.config.options import find_pyproject, resolve
 
     (tmp_path / "pyproject.toml").write_text('[tool.advdetect]\nmodel = "evil.py:Net"\n')
     project = tmp_path / "project"

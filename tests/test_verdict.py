@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from advdetect.cli import main
+from advdetect.cli.commands import main
 from advdetect.errors import ExitCode
-from advdetect.robustness import robust_accuracy, threat_model, wilson_interval, worst_case
+from advdetect.run.robustness import robust_accuracy, threat_model, wilson_interval, worst_case
 
 
 def test_robust_accuracy_and_its_worst_case_match_a_hand_count():

@@ -15,14 +15,14 @@ names that select the tensors used (all by default). Research variants: ``label`
 concatenates the signatures of several labels; ``with_outputs`` adds three statistics of the
 logits (top softmax probability, log-sum-exp, top-two margin) to the gradient norms;
 ``noise_levels`` adds a sensitivity signature, how the prediction moves under Gaussian input
-noise at each level (:func:`advdetect.features.prediction_instability`, ``noise_draws`` copies
+noise at each level (:func:`advdetect.signatures.features.prediction_instability`, ``noise_draws`` copies
 per level).
 
 Adaptive attacks: ``torch_scores`` (here, and in the one-class and agnostic variants) is the
 fitted score as a differentiable function of the input, through :meth:`torch_signatures`
-(:func:`advdetect.features.confounding_gradient_torch`, the same closed forms with
+(:func:`advdetect.signatures.features.confounding_gradient_torch`, the same closed forms with
 ``create_graph``): exact for every ablation but the sensitivity signature, whose argmax flip count
-has a smooth surrogate (:func:`advdetect.features.prediction_instability_torch`). So
+has a smooth surrogate (:func:`advdetect.signatures.features.prediction_instability_torch`). So
 ``gradient_kind`` is ``surrogate`` for instances with ``noise_levels``, else ``exact``.
 
 The sensitivity variant exists because the paper's signature barely moves for minimum-norm
@@ -49,8 +49,8 @@ from torch import nn
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import DEFAULT_CS, Detector, SignatureFunction, fit_logistic, logistic_torch, \
     require_adversarial
-from advdetect.inference import batched_logits
-from advdetect.features import LABELS, LOSSES, NORMS, confounding_gradient_features, confounding_gradient_torch, \
+from advdetect.signatures.inference import batched_logits
+from advdetect.signatures.features import LABELS, LOSSES, NORMS, confounding_gradient_features, confounding_gradient_torch, \
     eval_with_grads, parameter_names, prediction_instability, prediction_instability_torch
 
 # Gradient norms span many orders of magnitude; exact zeros (a parameter the loss does not
@@ -169,7 +169,7 @@ class ConfoundingSignatures(Detector):
         """:meth:`signatures` as a differentiable function of ``inputs`` (one batch on the model's
         device), float64 [N, D] on that device, the blocks in the same order: the gradient norms
         and logit statistics equal, the instability block's flip share a surrogate
-        (:func:`advdetect.features.prediction_instability_torch`). Eval mode; no parameter
+        (:func:`advdetect.signatures.features.prediction_instability_torch`). Eval mode; no parameter
         gradient is accumulated by a later ``backward()``."""
         self.validate()
         kept = self._kept(model)

@@ -37,7 +37,7 @@ from advdetect.detectors import register_detector
 from advdetect.detectors.base import DEFAULT_CS
 from advdetect.detectors.confounding_gradient import ConfoundingGradient
 from advdetect.errors import Unavailable
-from advdetect.inference import batched_logits, model_device
+from advdetect.signatures.inference import batched_logits, model_device
 
 #: At least this many of its own adversarial examples must change the prediction to fit.
 MIN_SELF_MADE = 10

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.activations import final_linear, penultimate, recording
+from advdetect.signatures.activations import final_linear, penultimate, recording
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import Detector
 

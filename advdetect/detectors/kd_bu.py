@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.activations import final_linear, penultimate, recording
+from advdetect.signatures.activations import final_linear, penultimate, recording
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import (DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch,
                                      require_adversarial)

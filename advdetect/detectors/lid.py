@@ -19,7 +19,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.activations import feature_layers, final_linear, layer_activations, recording
+from advdetect.signatures.activations import feature_layers, final_linear, layer_activations, recording
 from advdetect.detectors import register_detector
 from advdetect.errors import Unavailable
 from advdetect.detectors.base import (DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch,

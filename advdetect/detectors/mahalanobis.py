@@ -3,7 +3,7 @@ Out-of-Distribution Samples and Adversarial Attacks", NeurIPS 2018, arXiv 1807.0
 
 :meth:`prepare` fits class-conditional Gaussians with a covariance shared by the classes to the
 spatially averaged activations of several hidden layers (see
-:func:`advdetect.activations.feature_layers`) and the penultimate features, on the clean
+:func:`advdetect.signatures.activations.feature_layers`) and the penultimate features, on the clean
 reference inputs. The covariance is Ledoit-Wolf shrunk, since a reference set is far smaller
 than the training set the paper uses. A layer's confidence score is the largest negative
 Mahalanobis distance to a class mean, after input preprocessing: the input moves by the
@@ -26,11 +26,11 @@ from sklearn.covariance import LedoitWolf
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.activations import (counting_calls, feature_layers, final_linear, forward_until, layer_activations,
+from advdetect.signatures.activations import (counting_calls, feature_layers, final_linear, forward_until, layer_activations,
                                    pool, recording)
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch
-from advdetect.inference import model_device
+from advdetect.signatures.inference import model_device
 
 
 @register_detector

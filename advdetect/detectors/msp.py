@@ -13,7 +13,7 @@ from torch import nn
 
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import Detector
-from advdetect.inference import batched_logits
+from advdetect.signatures.inference import batched_logits
 
 
 @register_detector

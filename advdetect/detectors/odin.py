@@ -24,7 +24,7 @@ from torch import nn
 
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import Detector
-from advdetect.inference import model_device
+from advdetect.signatures.inference import model_device
 
 DEFAULT_SETTING = (1000.0, 0.0014)
 

@@ -20,7 +20,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from advdetect.errors import UsageError
-from advdetect.records import ADAPTIVE, cell_key
+from advdetect.run.records import ADAPTIVE, cell_key
 
 PASSED, FAILED, SKIPPED = "PASSED", "FAILED", "SKIPPED"
 PROTOCOL = "seen"
@@ -58,7 +58,7 @@ class Outcome:
 
 
 def plan_checks(suite: Any, detectors: Any = None) -> list[Check]:
-    """The checks of a :class:`~advdetect.suite.Suite`'s thresholds; with the run's ``detectors``,
+    """The checks of a :class:`~advdetect.config.suite.Suite`'s thresholds; with the run's ``detectors``,
     a :class:`UsageError` when a threshold names a detector the run will not run."""
     checks = plan_from_document(suite.to_dict(), suite.name)
     if detectors is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from advdetect.options import AUDIT_OPTIONS, argparse_type
+from advdetect.config.options import AUDIT_OPTIONS, argparse_type
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,7 +49,7 @@ class _Audit:
         if self._error is not None:
             raise self._error
         if self._document is None:
-            from advdetect.pipeline import run_audit
+            from advdetect.stages.pipeline import run_audit
 
             try:
                 _, self._document = run_audit(self.options, Path(self.out) if self.out else None)
@@ -65,7 +65,7 @@ class CheckItem(pytest.Item):
         self.check, self.audit = check, audit
 
     def runtest(self) -> None:
-        from advdetect.checks import FAILED, SKIPPED, evaluate
+        from advdetect.run.checks import FAILED, SKIPPED, evaluate
 
         outcome = evaluate(self.check, self.audit.document())
         if outcome.status == SKIPPED:
@@ -86,10 +86,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     suite = config.getoption("advdetect_suite")
     if not suite:
         return
-    from advdetect.checks import plan_checks
+    from advdetect.run.checks import plan_checks
     from advdetect.errors import UsageError
-    from advdetect.options import resolve
-    from advdetect.preflight import build_options
+    from advdetect.config.options import resolve
+    from advdetect.stages.preflight import build_options
 
     try:
         values, _ = resolve({option.name: config.getoption(f"advdetect_{option.name}") for option in AUDIT_OPTIONS})

@@ -37,15 +37,15 @@ import torch
 from torch import nn
 
 from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector, suite_variants
-from advdetect.distributed import current_world
+from advdetect.stages.distributed import current_world
 from advdetect.errors import Unavailable
-from advdetect.metrics import bootstrap_auroc_ci, detection_metrics
+from advdetect.run.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.progress import Progress, no_progress, progress
-from advdetect.records import PROTOCOLS, AttackRecord, ResultRow, RunInfo, derive_seed
-from advdetect.splits import fit_rounds
-from advdetect.rundir import COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files, reference_arrays, \
+from advdetect.run.records import PROTOCOLS, AttackRecord, ResultRow, RunInfo, derive_seed
+from advdetect.run.splits import fit_rounds
+from advdetect.run.folder import COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files, reference_arrays, \
     sample_arrays, set_stage, update_run
-from advdetect.storage import save_arrays, write_json
+from advdetect.run.storage import save_arrays, write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from advdetect.pipeline import run_audit
-from advdetect.preflight import AuditOptions, prepare
+from advdetect.stages.pipeline import run_audit
+from advdetect.stages.preflight import AuditOptions, prepare
 
 
 def measure(options: AuditOptions, sizes: Sequence[int]) -> dict[str, Any]:

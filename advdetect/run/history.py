@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from advdetect.errors import DamagedRunFolder
-from advdetect.records import cell_key
-from advdetect.robustness import wilson_interval
-from advdetect.rundir import MANIFEST, read_manifest, read_results
+from advdetect.run.records import cell_key
+from advdetect.run.robustness import wilson_interval
+from advdetect.run.folder import MANIFEST, read_manifest, read_results
 
 log = logging.getLogger(__name__)
 

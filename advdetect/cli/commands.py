@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from advdetect.errors import ExitCode, Terminated, UsageError
 from advdetect.progress import quiet_progress
-from advdetect.options import AUDIT_OPTIONS, argparse_type, positive_int, positive_ints, project_defaults, resolve
+from advdetect.config.options import AUDIT_OPTIONS, argparse_type, positive_int, positive_ints, project_defaults, resolve
 
 log = logging.getLogger("advdetect")
 
@@ -34,7 +34,7 @@ _positive_int = argparse_type(positive_int)
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) -> None:
-    """What to audit and how, from :data:`~advdetect.options.AUDIT_OPTIONS`: shared by ``audit``,
+    """What to audit and how, from :data:`~advdetect.config.options.AUDIT_OPTIONS`: shared by ``audit``,
     ``check`` and ``ood``. Every default is None here, so that :func:`audit_options` can tell a
     flag given from one left to the project's ``[tool.advdetect]`` or the built-in default."""
     for option in AUDIT_OPTIONS:
@@ -169,7 +169,7 @@ def _version() -> str:
 
 def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The audit's options: the flags given, then ``[tool.advdetect]``, then the built-in defaults."""
-    from advdetect.preflight import build_options
+    from advdetect.stages.preflight import build_options
 
     given = {option.name: getattr(args, option.name, None) for option in AUDIT_OPTIONS}
     values, pyproject = resolve(given, skip=() if hasattr(args, "suite") else ("suite", "attacks"))
@@ -180,7 +180,7 @@ def audit_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _ood_suite():  # type: ignore[no-untyped-def]
-    from advdetect.suite import Suite
+    from advdetect.config.suite import Suite
 
     return Suite("ood", "advdetect ood", "", ())
 
@@ -188,7 +188,7 @@ def _ood_suite():  # type: ignore[no-untyped-def]
 def _join_world(options) -> bool:  # type: ignore[no-untyped-def]
     """Join torchrun's process group when torchrun started this process; True on rank 0 (or alone),
     where the results are said. The other ranks work silently."""
-    from advdetect.distributed import join
+    from advdetect.stages.distributed import join
 
     world = join(options.device)
     if not world.is_main:
@@ -198,7 +198,7 @@ def _join_world(options) -> bool:  # type: ignore[no-untyped-def]
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from advdetect.pipeline import run_audit
+    from advdetect.stages.pipeline import run_audit
 
     started = time.perf_counter()
     options = audit_options(args)
@@ -212,8 +212,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_ood(args: argparse.Namespace) -> int:
-    from advdetect.ood import BUILTIN_SETS, set_name
-    from advdetect.pipeline import run_audit
+    from advdetect.stages.ood import BUILTIN_SETS, set_name
+    from advdetect.stages.pipeline import run_audit
 
     started = time.perf_counter()
     options = audit_options(args)
@@ -235,10 +235,10 @@ def cmd_ood(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from advdetect.checks import FAILED, closing_line, evaluate, junit_xml, outcome_dict, plan_checks
-    from advdetect.pipeline import run_audit
-    from advdetect.rundir import check_writable_file, write_manifest
-    from advdetect.storage import write_bytes
+    from advdetect.run.checks import FAILED, closing_line, evaluate, junit_xml, outcome_dict, plan_checks
+    from advdetect.stages.pipeline import run_audit
+    from advdetect.run.folder import check_writable_file, write_manifest
+    from advdetect.run.storage import write_bytes
 
     started = time.perf_counter()
     options = audit_options(args)
@@ -274,8 +274,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from advdetect.history import list_runs
-    from advdetect.rundir import is_held
+    from advdetect.run.history import list_runs
+    from advdetect.run.folder import is_held
 
     if not args.root.is_dir():
         raise UsageError(f"output root {args.root} not found")
@@ -302,8 +302,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from advdetect.history import compare
-    from advdetect.rundir import read_results
+    from advdetect.run.history import compare
+    from advdetect.run.folder import read_results
 
     documents = []
     for run in (args.run_a, args.run_b):
@@ -348,8 +348,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         table = [[r["name"], "yes" if r["needs_adversarial"] else "no", r["reference"]] for r in rows]
         header = ["detector", "fits on attacks", "method"]
     else:
-        from advdetect.checks import plan_checks
-        from advdetect.suite import builtin_suites, load_suite
+        from advdetect.run.checks import plan_checks
+        from advdetect.config.suite import builtin_suites, load_suite
 
         suites = [load_suite(name) for name in builtin_suites()]
         rows = [{"name": suite.name, "description": suite.description, "attacks": len(suite.attacks),
@@ -368,8 +368,8 @@ def _first_paragraph(doc: str | None) -> str:
 
 
 def cmd_train_default(args: argparse.Namespace) -> int:
-    from advdetect import embedded
-    from advdetect.storage import write_bytes
+    from advdetect.sources import embedded
+    from advdetect.run.storage import write_bytes
 
     if args.out.exists():
         raise UsageError(f"{args.out} exists; remove it or give another --out")
@@ -392,7 +392,7 @@ def cmd_train_default(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from advdetect.pipeline import rerun_detection
+    from advdetect.stages.pipeline import rerun_detection
 
     print_summary(rerun_detection(args.run_dir))
     return ExitCode.OK
@@ -416,7 +416,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.adaptive is not None and args.audit:
         raise UsageError("bench --adaptive and --audit measure different things; give one")
     if args.adaptive is not None:
-        from advdetect.benchmark import adaptive_step_costs, format_adaptive
+        from advdetect.cli.bench import adaptive_step_costs, format_adaptive
         from advdetect.detectors import DETECTORS
 
         names = [n.strip() for n in args.adaptive.split(",") if n.strip()]
@@ -430,12 +430,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2) if args.json else format_adaptive(report))
         return ExitCode.OK
     if args.audit:
-        from advdetect.scaling import format_report, measure
+        from advdetect.cli.scaling import format_report, measure
 
         report = measure(audit_options(args), args.sizes)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return ExitCode.OK
-    from advdetect.benchmark import METHODS, bench_models, main as bench_main
+    from advdetect.cli.bench import METHODS, bench_models, main as bench_main
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -449,14 +449,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from advdetect.pipeline import rewrite_report
+    from advdetect.stages.pipeline import rewrite_report
 
     print_summary(rewrite_report(args.run_dir))
     return ExitCode.OK
 
 
 def print_summary(document: dict) -> None:
-    from advdetect.report import summary_table
+    from advdetect.report.document import summary_table
 
     print(f"clean accuracy {document['clean_accuracy']:.3f} on {document['data']['n']} inputs of {document['data']['spec']}")
     print("AUROC per detector, protocol seen (* best of the row); every protocol is in the report and results.json")
@@ -502,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         return _internal_error(args, exc)
     finally:
         _on_sigterm(previous)
-        if "advdetect.distributed" in sys.modules:  # imported by an audit: leave torchrun's process group
-            sys.modules["advdetect.distributed"].leave()
+        if "advdetect.stages.distributed" in sys.modules:  # imported by an audit: leave torchrun's process group
+            sys.modules["advdetect.stages.distributed"].leave()
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -522,8 +522,8 @@ def _on_sigterm(handler: Any) -> Any:
 
 def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
     """An unexpected error: one line on stderr that points to the saved traceback."""
-    from advdetect.pipeline import fallback_error_log, save_traceback
-    from advdetect.rundir import RUN_JSON
+    from advdetect.stages.pipeline import fallback_error_log, save_traceback
+    from advdetect.run.folder import RUN_JSON
 
     path = getattr(exc, "error_log", None)
     if path is not None and not Path(path).is_file():  # a distributed rank's scratch folder, already removed
@@ -537,7 +537,7 @@ def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
     path = path or fallback_error_log(exc)
     text = str(exc).strip().splitlines()
     where = f"the traceback is in {path}" if path else "no traceback could be saved"
-    distributed = sys.modules.get("advdetect.distributed")
+    distributed = sys.modules.get("advdetect.stages.distributed")
     world = distributed.current_world() if distributed else None
     if world is not None and not world.is_main and "closed by peer" in str(exc):
         print(f"advdetect: rank {world.rank} of {world.size} stopped: another rank ended first, and its own message "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from advdetect.errors import Unavailable
-from advdetect.inference import model_device
+from advdetect.signatures.inference import model_device
 
 #: Leaf layers whose outputs are not read: parametric steps inside a block, and reshapes.
 _SKIPPED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,

@@ -1,5 +1,5 @@
 """Small typed records that stages hand each other through the run folder (see
-:mod:`advdetect.rundir`). Reading one back checks every field's type, so a damaged file is
+:mod:`advdetect.run.folder`). Reading one back checks every field's type, so a damaged file is
 refused with the field it lacks instead of failing later."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Union
 
 RESULTS_SCHEMA = 1
-#: Detection protocols, in the order results list them (see :mod:`advdetect.detect_stage`).
+#: Detection protocols, in the order results list them (see :mod:`advdetect.stages.detect`).
 PROTOCOLS = ("seen", "unseen", "oneclass", "adaptive")
 #: The protocol of rows measured against an attacker who optimizes against the detector
-#: (:mod:`advdetect.adaptive_stage`).
+#: (:mod:`advdetect.stages.adaptive`).
 ADAPTIVE = "adaptive"
 #: The kind (and pseudo-attack name) of an out-of-distribution cell.
 OOD = "ood"

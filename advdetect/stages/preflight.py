@@ -17,18 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.attack_stage import SeededRNG, resolved_params
+from advdetect.stages.attack import SeededRNG, resolved_params
 from advdetect.attacks import NOT_PROBED, get_attack
-from advdetect.datasets import DataOptions, DataSample, load_data, sample_tensors
+from advdetect.sources.datasets import DataOptions, DataSample, load_data, sample_tensors
 from advdetect.detectors import DETECTORS, Detector, build_detector
 from advdetect.errors import UsageError, first_line
-from advdetect.inference import batched_logits, select_device
-from advdetect.models import Dataset, LoadedModel, ModelOptions, ThreatModel, load_model, wrap_model
-from advdetect.records import RunInfo
-from advdetect.rundir import sample_arrays
-from advdetect.storage import user_cache_dir
-from advdetect.records import AttackCell
-from advdetect.suite import Suite, load_suite
+from advdetect.signatures.inference import batched_logits, select_device
+from advdetect.sources.models import Dataset, LoadedModel, ModelOptions, ThreatModel, load_model, wrap_model
+from advdetect.run.records import RunInfo
+from advdetect.run.folder import sample_arrays
+from advdetect.run.storage import user_cache_dir
+from advdetect.run.records import AttackCell
+from advdetect.config.suite import Suite, load_suite
 
 #: Fewest clean reference inputs an audit accepts (detectors fit class statistics on them).
 MIN_REFERENCE = 20
@@ -182,8 +182,8 @@ def check_compatible(model: nn.Module, sample: DataSample, device: torch.device,
 
 
 #: The audit's numeric options, as their flags name them, and whether they take whole numbers
-#: (:func:`advdetect.options.positive_int`, :func:`~advdetect.options.seed`) or any number
-#: (:func:`~advdetect.options.fraction`); the Python API gives them unparsed.
+#: (:func:`advdetect.config.options.positive_int`, :func:`~advdetect.config.options.seed`) or any number
+#: (:func:`~advdetect.config.options.fraction`); the Python API gives them unparsed.
 NUMBERS = {"n": ("--n", True), "n_reference": ("--n-reference", True), "batch_size": ("--batch-size", True),
            "seed": ("--seed", True), "image_size": ("--image-size", True), "crop": ("--crop", True),
            "fit_fraction": ("--fit-fraction", False), "fit_folds": ("--fit-folds", True)}

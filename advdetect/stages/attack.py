@@ -1,5 +1,5 @@
 """Stage 1, attack: every cell's adversarial inputs, from the inputs the model classifies correctly,
-written into the run folder (see :mod:`advdetect.rundir`); from the attack cache when an earlier
+written into the run folder (see :mod:`advdetect.run.folder`); from the attack cache when an earlier
 audit already computed them."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from advdetect.attacks import get_attack
-from advdetect.cache import AttackCache, tensor_sha256
-from advdetect.distributed import current_world
+from advdetect.attacks.cache import AttackCache, tensor_sha256
+from advdetect.stages.distributed import current_world
 from advdetect.errors import UsageError
-from advdetect.inference import batched_logits
-from advdetect.masking import masking_symptoms, suspected
+from advdetect.signatures.inference import batched_logits
+from advdetect.attacks.masking import masking_symptoms, suspected
 from advdetect.progress import Progress, no_progress, progress
-from advdetect.records import AttackRecord, derive_seed
-from advdetect.robustness import robust_accuracy, threat_model
-from advdetect.rundir import cell_files, cell_paths, read_run, record_files, sample_arrays, update_run
-from advdetect.storage import save_arrays, write_json
-from advdetect.records import AttackCell
+from advdetect.run.records import AttackRecord, derive_seed
+from advdetect.run.robustness import robust_accuracy, threat_model
+from advdetect.run.folder import cell_files, cell_paths, read_run, record_files, sample_arrays, update_run
+from advdetect.run.storage import save_arrays, write_json
+from advdetect.run.records import AttackCell
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ MASKING_JSON = "masking.json"
 
 def check_masking(model: nn.Module, cells: list[AttackCell], x: torch.Tensor, y: torch.Tensor, seed: int,
                   batch_size: int) -> dict:
-    """The gradient-masking symptoms (:mod:`advdetect.masking`) on the first :data:`MASKING_INPUTS`
+    """The gradient-masking symptoms (:mod:`advdetect.attacks.masking`) on the first :data:`MASKING_INPUTS`
     correctly classified inputs, at the median Linf ``eps`` of the suite's cells."""
     budgets = sorted(c.strength for c in cells if c.strength_name == "eps" and 0 < c.strength <= 1
                      and threat_model(c.attack_name, c.constructor_params()) == "Linf")

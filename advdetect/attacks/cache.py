@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.robustness import threat_model
-from advdetect.storage import load_arrays, save_arrays, user_cache_dir
+from advdetect.run.robustness import threat_model
+from advdetect.run.storage import load_arrays, save_arrays, user_cache_dir
 
 log = logging.getLogger(__name__)
 

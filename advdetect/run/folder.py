@@ -4,7 +4,7 @@ Layout (every file written atomically, to a temporary name renamed into place):
 
 - ``.advdetect-run``: created exclusively when the folder is claimed, so two audits never share a
   folder; every command that writes into the run holds a lock on it.
-- ``run.json``: :class:`~advdetect.records.RunInfo`, what was audited and how; stage states and timings;
+- ``run.json``: :class:`~advdetect.run.records.RunInfo`, what was audited and how; stage states and timings;
   the run's ``run_id`` and ``files``: the sha256 of every file below that a stage wrote and of the files
   it was computed from, which every reader checks (:func:`bound`), so a file copied from another run
   is refused.
@@ -12,8 +12,8 @@ Layout (every file written atomically, to a temporary name renamed into place):
 - ``sample.npz``: the audited inputs ``x`` (float32, [0, 1]), labels ``y``, clean predictions ``pred``
   and ``logits``.
 - ``reference.npz``: clean reference inputs ``x`` and labels ``y``, disjoint from the sample.
-- ``adversarial/<cell>.npz`` and ``.json``: one cell's outputs and :class:`~advdetect.records.AttackRecord`.
-- ``detection.json``: :class:`~advdetect.records.ResultRow` list; ``scores/<cell>.npz``: test
+- ``adversarial/<cell>.npz`` and ``.json``: one cell's outputs and :class:`~advdetect.run.records.AttackRecord`.
+- ``detection.json``: :class:`~advdetect.run.records.ResultRow` list; ``scores/<cell>.npz``: test
   scores, keyed ``<protocol>__<detector>__clean`` and ``..__adversarial``.
 - ``results.json``, ``report.html``, ``report.pdf``: the report stage's outputs.
 - ``error.log``: the traceback of an internal error, when there was one.
@@ -37,9 +37,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from advdetect.errors import DamagedRunFolder, UsageError
-from advdetect.records import AttackRecord, Record, ResultRow, RunInfo, cell_key, cell_slug, json_preview, ood_cell_key, \
+from advdetect.run.records import AttackRecord, Record, ResultRow, RunInfo, cell_key, cell_slug, json_preview, ood_cell_key, \
     ood_cell_slug
-from advdetect.storage import load_arrays, read_json, write_json
+from advdetect.run.storage import load_arrays, read_json, write_json
 
 RUN_JSON = "run.json"
 MANIFEST = "manifest.json"

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advdetect.datasets import DataOptions, load_data
+from advdetect.sources.datasets import DataOptions, load_data
 from advdetect.errors import UsageError
 from advdetect.progress import Progress, no_progress
-from advdetect.records import OodRecord, derive_seed, ood_cell_key, ood_cell_slug
-from advdetect.rundir import cell_files, cell_paths, record_files, sample_arrays
-from advdetect.storage import save_arrays, write_json
+from advdetect.run.records import OodRecord, derive_seed, ood_cell_key, ood_cell_slug
+from advdetect.run.folder import cell_files, cell_paths, record_files, sample_arrays
+from advdetect.run.storage import save_arrays, write_json
 
 BUILTIN_SETS = ("uniform", "corrupted", "photos", "digits")
 CORRUPTION_SIGMA = 0.5

@@ -17,15 +17,15 @@ import numpy as np  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from advdetect.checks import plan_from_document, verdict  # noqa: E402
-from advdetect.history import trend  # noqa: E402
-from advdetect.records import ADAPTIVE, PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
+from advdetect.run.checks import plan_from_document, verdict  # noqa: E402
+from advdetect.run.history import trend  # noqa: E402
+from advdetect.run.records import ADAPTIVE, PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
     derive_seed, display_strength  # noqa: E402
-from advdetect.robustness import robust_accuracy, worst_case  # noqa: E402
-from advdetect.rundir import MANIFEST, bound, cell_fooled, cell_paths, read_adaptive, read_arrays, \
+from advdetect.run.robustness import robust_accuracy, worst_case  # noqa: E402
+from advdetect.run.folder import MANIFEST, bound, cell_fooled, cell_paths, read_adaptive, read_arrays, \
     read_attack_records, read_detection, read_masking, read_run, read_scores, sample_arrays, update_run  # noqa: E402
-from advdetect.report_pdf import write_pdf  # noqa: E402
-from advdetect.storage import write_bytes, write_json  # noqa: E402
+from advdetect.report.pdf import write_pdf  # noqa: E402
+from advdetect.run.storage import write_bytes, write_json  # noqa: E402
 
 #: User strings (suite names, attack ids, model specs) reach titles and labels: drawn as typed,
 #: never as matplotlib math text, where a pair of "$" would fail or change the text.
@@ -538,7 +538,7 @@ def report_view(info: RunInfo, cells: list[Cell], document: dict[str, Any], tren
 
 
 def write_html(path: Path, view: dict[str, Any]) -> None:
-    env = Environment(loader=PackageLoader("advdetect", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=PackageLoader("advdetect.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     write_bytes(path, env.get_template("report.html.j2").render(**view).encode())
 
 

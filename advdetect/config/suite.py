@@ -25,7 +25,7 @@ Detector variants (ablations) run beside the registered detectors under a name o
     base = "confounding_gradient"   # a registered detector
     loss = "softmax_bce"            # any of its constructor arguments
 
-An ``[adaptive]`` table adds the adaptive protocol (:mod:`advdetect.adaptive_stage`): every
+An ``[adaptive]`` table adds the adaptive protocol (:mod:`advdetect.stages.adaptive`): every
 detector attacked by an attacker who knows it, beside the oblivious PGD cell of the same budget::
 
     [adaptive]
@@ -50,7 +50,7 @@ from typing import Any
 from advdetect.attacks import get_attack
 from advdetect.detectors import DETECTORS, DetectorVariant, check_params, get_detector
 from advdetect.errors import UsageError
-from advdetect.records import AttackCell
+from advdetect.run.records import AttackCell
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -244,7 +244,7 @@ class Suite:
 
 
 def builtin_suites() -> list[str]:
-    return sorted(p.name[: -len(".toml")] for p in (resources.files("advdetect") / "suites").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[: -len(".toml")] for p in (resources.files("advdetect.config") / "suites").iterdir() if p.name.endswith(".toml"))
 
 
 def load_suite(ref: str) -> Suite:
@@ -256,7 +256,7 @@ def load_suite(ref: str) -> Suite:
     path = Path(ref)
     if path.is_file():
         return parse_suite(_read(path), name=path.stem, source=str(path))
-    builtin = resources.files("advdetect") / "suites" / f"{ref}.toml"
+    builtin = resources.files("advdetect.config") / "suites" / f"{ref}.toml"
     if "/" not in ref and not ref.endswith(".toml") and builtin.is_file():
         return parse_suite(builtin.read_text(encoding="utf-8"), name=ref, source=f"builtin:{ref}")
     if path.exists():

@@ -1,7 +1,7 @@
 """The audit from end to end: check everything, claim a run folder, then attack, detect, report.
 
 The one place the stages meet: each reads and writes the run folder through
-:mod:`advdetect.rundir` and imports no other stage. The CLI, the pytest plugin and the Python
+:mod:`advdetect.run.folder` and imports no other stage. The CLI, the pytest plugin and the Python
 API all run audits through :func:`run_audit`.
 """
 
@@ -18,21 +18,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from advdetect.adaptive_stage import adaptive_stage
-from advdetect.attack_stage import attack_stage
-from advdetect.cache import tensor_sha256
-from advdetect.detect_stage import detect_stage
-from advdetect.distributed import current_world
+from advdetect.stages.adaptive import adaptive_stage
+from advdetect.stages.attack import attack_stage
+from advdetect.attacks.cache import tensor_sha256
+from advdetect.stages.detect import detect_stage
+from advdetect.stages.distributed import current_world
 from advdetect.errors import UsageError
-from advdetect.history import now
-from advdetect.ood import ood_inputs, ood_stage, set_cells, set_name
-from advdetect.preflight import AuditOptions, Prepared, package_versions, prepare, reload_model
+from advdetect.run.history import now
+from advdetect.stages.ood import ood_inputs, ood_stage, set_cells, set_name
+from advdetect.stages.preflight import AuditOptions, Prepared, package_versions, prepare, reload_model
 from advdetect.progress import Progress, no_progress
-from advdetect.records import RunInfo
-from advdetect.report import write_report
-from advdetect.rundir import COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new, json_sha256, \
+from advdetect.run.records import RunInfo
+from advdetect.report.document import write_report
+from advdetect.run.folder import COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new, json_sha256, \
     locked, read_attack_records, read_run, record_files, set_stage, update_run, write_manifest
-from advdetect.storage import save_arrays, user_cache_dir, write_bytes, write_json
+from advdetect.run.storage import save_arrays, user_cache_dir, write_bytes, write_json
 
 log = logging.getLogger("advdetect")
 

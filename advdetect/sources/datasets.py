@@ -1,6 +1,6 @@
 """Data specs (``--data``): every loader yields images as float32 NCHW in [0, 1] and int64 labels.
 
-- ``default``: the embedded MNIST test split (:mod:`advdetect.embedded`).
+- ``default``: the embedded MNIST test split (:mod:`advdetect.sources.embedded`).
 - ``folder:DIR``: one subfolder per class (class index = sorted subfolder names), PNG or JPEG;
   ``--image-size``/``--crop`` resize the shorter side and center-crop, as ImageNet evaluation does.
 - ``cifar10:ROOT``, ``cifar100:ROOT``: the python pickle batches of the official tarballs
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from advdetect.errors import UsageError
-from advdetect.storage import load_arrays
+from advdetect.run.storage import load_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -91,7 +91,7 @@ def _uint8_nhwc(x: np.ndarray) -> np.ndarray:
 # --- loaders -------------------------------------------------------------------------------
 
 def _default(arg: str, options: DataOptions) -> _Source:
-    from advdetect.embedded import test_split
+    from advdetect.sources.embedded import test_split
 
     x, y = test_split()
     return _in_memory(x.numpy(), y.numpy(), {"source": "the embedded MNIST test split (1000 digits, disjoint from training)"})

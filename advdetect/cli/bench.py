@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from advdetect.features import (eval_with_all_grads, confounding_gradient_features, confounding_loss,
+from advdetect.signatures.features import (eval_with_all_grads, confounding_gradient_features, confounding_loss,
                                 per_sample_loop_features)
 
 
@@ -94,7 +94,7 @@ METHODS: dict[str, Callable[..., Any]] = {
 
 
 def bench_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
-    from advdetect.embedded import SmallCNN, TRAINING
+    from advdetect.sources.embedded import SmallCNN, TRAINING
 
     return {"default": (lambda: SmallCNN(TRAINING["width"]), (1, 28, 28)), "resnet18": (CifarResNet18, (3, 32, 32))}
 
@@ -141,8 +141,8 @@ def run_benchmark(models: list[str], batch: int, repeats: int, methods: list[str
 
 _MEASURE_PEAK = """
 import json, torch
-from advdetect.benchmark import CifarResNet18
-from advdetect.features import confounding_gradient_features as features
+from advdetect.cli.bench import CifarResNet18
+from advdetect.signatures.features import confounding_gradient_features as features
 
 def status(field):
     with open("/proc/self/status") as handle:
@@ -204,7 +204,7 @@ def adaptive_step_costs(detectors: list[str], batch: int, steps: int, repeats: i
 
     from advdetect.attacks.orthogonal_pgd import OrthogonalPGD
     from advdetect.detectors import build_detector
-    from advdetect.embedded import default_model, test_split
+    from advdetect.sources.embedded import default_model, test_split
 
     model = default_model().eval()
     x, y = test_split()

@@ -18,7 +18,7 @@ from reportlab.lib.utils import ImageReader
 from reportlab.platypus import Flowable, Image, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, \
     TableStyle
 
-from advdetect.storage import atomic_write
+from advdetect.run.storage import atomic_write
 
 PAGE = landscape(A4)
 MARGIN = 1.3 * cm
@@ -221,7 +221,7 @@ def _page_number(canvas: Any, doc: Any) -> None:
 
 
 def write_pdf(path: Path, view: dict[str, Any]) -> None:
-    """``report.pdf`` from the report's view (see :func:`advdetect.report.report_view`), written atomically."""
+    """``report.pdf`` from the report's view (see :func:`advdetect.report.document.report_view`), written atomically."""
     flow: list[Flowable] = [_p("advdetect audit report", H1), *_verdict(view)]
     flow += _pairs(view["findings"], "key-numbers", "Key numbers")
     flow += [Spacer(1, 3), _p(view["robust_note"], NOTE), *_contents(view), PageBreak()]

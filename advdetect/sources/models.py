@@ -1,6 +1,6 @@
 """Model specs (``--model``): every loader returns an eval-mode module taking inputs in [0, 1].
 
-- ``default``: the embedded MNIST CNN (:mod:`advdetect.embedded`).
+- ``default``: the embedded MNIST CNN (:mod:`advdetect.sources.embedded`).
 - ``robustbench:NAME``: a RobustBench model-zoo entry, with ``--dataset``, ``--threat-model``
   and ``--model-dir`` (RobustBench's layout ``<model_dir>/<dataset>/<threat_model>/<NAME>.pt``).
 - ``path/to/file.py:Callable`` or ``package.module:Callable``: a class or function returning the
@@ -115,7 +115,7 @@ def input_channels(model: nn.Module) -> int | None:
 # --- loaders -------------------------------------------------------------------------------
 
 def _default(arg: str, options: ModelOptions) -> nn.Module:
-    from advdetect.embedded import TRAINING, SmallCNN, default_model
+    from advdetect.sources.embedded import TRAINING, SmallCNN, default_model
 
     if options.weights is None:
         return default_model()
@@ -131,7 +131,7 @@ def _is_html(path: Path) -> bool:
 
 
 def _robustbench(name: str, options: ModelOptions) -> nn.Module:
-    from advdetect._robustbench_compat import robustbench_utils
+    from advdetect.sources._robustbench_compat import robustbench_utils
 
     try:
         utils = robustbench_utils()
@@ -336,7 +336,7 @@ def _close_names(name: str, names: list[str]) -> str:
 
 
 def _import_torchvision_models() -> Any:
-    from advdetect._robustbench_compat import import_torchvision
+    from advdetect.sources._robustbench_compat import import_torchvision
 
     try:
         import_torchvision()
@@ -362,7 +362,7 @@ def _torchvision(name: str, options: ModelOptions) -> tuple[nn.Module, dict[str,
 def _timm(name: str, options: ModelOptions) -> tuple[nn.Module, dict[str, Any]]:
     if importlib.util.find_spec("timm") is None:
         raise UsageError('timm is not installed; install it with: pip install "advdetect[timm]"')
-    from advdetect._robustbench_compat import import_torchvision
+    from advdetect.sources._robustbench_compat import import_torchvision
 
     try:
         import_torchvision()  # timm imports torchvision, which needs the workaround with a CPU build of torch
