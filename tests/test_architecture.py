@@ -1,5 +1,5 @@
 """The shape of the code: the report stage runs without torch, and the README's Python example
-runs as written on the embedded default, in memory."""
+runs as written on the embedded default, in memory (docs/api.md shows the same example)."""
 
 import json
 import re
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+API_DOCS = README.parent / "docs" / "api.md"
 
 
 def test_the_report_stage_imports_no_torch():
@@ -15,8 +16,16 @@ def test_the_report_stage_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def python_example(path: Path, heading: str) -> str:
+    return re.search(rf"^{heading}\n.*?```python\n(.*?)```", path.read_text(), re.S | re.M).group(1)
+
+
+def test_the_docs_python_example_is_the_readmes():
+    assert python_example(API_DOCS, "# Python API") == python_example(README, "## Python quick start")
+
+
 def test_the_readme_python_example_runs_on_an_in_memory_model(tmp_path, monkeypatch, capsys):
-    example = re.search(r"## Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    example = python_example(README, "## Python quick start")
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
     out = capsys.readouterr().out
