@@ -184,3 +184,14 @@ def test_the_agnostic_detector_fits_without_the_audited_attack_and_ranks_a_bound
     detector.fit(detector.signatures(model, clean))
     scores = [detector.score_samples(detector.signatures(model, x)) for x in (clean, adversarial)]
     assert detection_metrics(*scores)["auroc"] > 0.95
+
+
+def test_a_detector_implements_fit_signatures_not_fit():
+    """``fit`` is the entry point on inputs (and forwards signatures): an audit calls ``fit_signatures``,
+    so a detector that overrode ``fit`` would never be fitted in one."""
+    from advdetect.detectors import Detector
+
+    with pytest.raises(TypeError, match="Old overrides fit: a detector implements fit_signatures"):
+        class Old(Detector):
+            def fit(self, clean, adversarial=None):
+                return self

@@ -1,9 +1,21 @@
-"""The detector interface: signatures from a model, then an estimator on those signatures."""
+"""The detector interface: signatures from a model, then an estimator on those signatures.
+
+Bound to a model, a detector also works on its own, in the style of pytorch-ood::
+
+    detector = Mahalanobis(model).fit(clean_loader)            # or (x, y) tensors, or a Dataset
+    scores = detector(x)                                       # higher: more likely adversarial
+    ConfoundingGradient(model).fit((x, y), adversarial=x_adv)  # supervised detectors see both
+
+These entry points are thin wrappers over the calls an audit's detect stage makes (:meth:`Detector.prepare`,
+:meth:`Detector.signatures`, :meth:`Detector.fit_signatures`, :meth:`Detector.score_samples`), so a detector
+fitted on the same inputs scores as it does in an audit.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,9 +28,17 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 #: Computes one block of signatures: ``(model, inputs, *, batch_size) -> [N, D]``.
 SignatureFunction = Callable[..., np.ndarray]
+
+#: Inputs as a standalone detector takes them: a tensor of inputs [N, ...], an ``(x, y)`` pair of
+#: tensors, a ``Dataset`` of ``x`` or ``(x, y)`` items, or a ``DataLoader`` of such batches.
+Inputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
 
 #: Inverse regularization strengths the supervised detectors choose from by cross-validation.
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in 10.0 ** np.arange(-3, 4))
@@ -32,10 +52,16 @@ class Detector(BaseEstimator, ABC):
     1. :meth:`prepare` fits whatever lives in the model's own space on clean reference inputs
        (class-conditional Gaussians, kernel densities, neighbour pools); most detectors need none.
     2. :meth:`signatures` maps inputs through the model to per-input arrays, shape [N, D].
-    3. :meth:`fit` / :meth:`score_samples` work on those arrays alone, like a scikit-learn estimator:
-       ``fit(clean)`` with clean signatures only, ``fit(clean, adversarial)`` with both.
+    3. :meth:`fit_signatures` / :meth:`score_samples` work on those arrays alone, like a scikit-learn
+       estimator: ``fit_signatures(clean)`` with clean signatures only, ``fit_signatures(clean,
+       adversarial)`` with both.
 
     Hyperparameters are public constructor arguments (``get_params``); fitted state ends in ``_``.
+
+    A detector bound to a model (its first constructor argument, ``Mahalanobis(model)``) also fits
+    on inputs and scores inputs (:meth:`fit`, :meth:`predict`, or calling it), through the same
+    three steps. The model is not a hyperparameter: ``get_params`` leaves it out, so a suite cannot
+    set it and a clone is unbound.
     """
 
     name: ClassVar[str]
@@ -44,6 +70,21 @@ class Detector(BaseEstimator, ABC):
     #: :meth:`fit` uses adversarial examples when it gets them (to tune or to combine features),
     #: so the result depends on which attack it saw: the ``unseen`` protocol applies.
     uses_adversarial: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "fit" in vars(cls):  # an audit would never call it
+            raise TypeError(f"{cls.__name__} overrides fit: a detector implements fit_signatures (the fit on "
+                            f"signatures, which audits call); fit is the entry point on inputs")
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The hyperparameters: the constructor arguments but the model."""
+        params = super().get_params(deep)
+        params.pop("model", None)
+        return params
 
     def validate(self) -> None:
         """Raise ValueError on a bad hyperparameter, before any work."""
@@ -75,10 +116,68 @@ class Detector(BaseEstimator, ABC):
         one block, the whole signature."""
         return [(self.signature_key(), self.signatures)]
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Detector":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Detector":
         """Fit on signatures of clean and (optionally) adversarial inputs. When both have the same
         length, rows with the same index are a (clean, adversarial) pair of one source input."""
         return self
+
+    def fit(self, clean: Inputs | np.ndarray, adversarial: Inputs | np.ndarray | None = None, *,
+            reference: Inputs | None = None, batch_size: int = 64) -> Self:
+        """Fit on inputs, as an audit's detect stage does: :meth:`prepare` on ``reference`` (labelled
+        inputs; by default ``clean``), then :meth:`fit_signatures` on the :meth:`signatures` of
+        ``clean`` and ``adversarial``, in batches of ``batch_size``. The detector must be bound to a
+        model; returns it.
+
+        ``clean`` and ``adversarial`` are any of :data:`Inputs` (the labels of adversarial inputs are
+        ignored); when both have the same length, rows with the same index are a (clean, adversarial)
+        pair. Only detectors that use adversarial examples (``uses_adversarial``) read
+        ``adversarial``, and those that need them (``needs_adversarial``) require it.
+
+        On numpy arrays (signatures, as :meth:`signatures` returns them) this is :meth:`fit_signatures`."""
+        if isinstance(clean, np.ndarray):
+            if adversarial is not None and not isinstance(adversarial, np.ndarray):
+                raise TypeError("fit takes signatures (numpy arrays) or inputs (tensors, a Dataset or a DataLoader), "
+                                "not one of each")
+            return self.fit_signatures(clean, adversarial)  # type: ignore[return-value]
+        model = self._bound_model("fit")
+        if self.needs_adversarial and adversarial is None:
+            raise ValueError(f"{self.name} is supervised: fit it with clean and adversarial inputs")
+        paired = adversarial is not None and self.uses_adversarial
+        x, y = as_tensors(clean, batch_size=batch_size, ordered=paired)
+        x_adv = None
+        if paired:
+            x_adv, _ = as_tensors(adversarial, batch_size=batch_size, ordered=True)  # type: ignore[arg-type]
+            if x_adv.shape[1:] != x.shape[1:]:
+                raise ValueError(f"adversarial inputs of shape {tuple(x_adv.shape[1:])} for clean inputs of shape "
+                                 f"{tuple(x.shape[1:])}; to give labels, pass clean as an (x, y) pair")
+        reference_x, reference_y = (x, y) if reference is None else as_tensors(reference, batch_size=batch_size)
+        if reference_y is None:
+            raise ValueError("fit prepares the detector on labelled inputs: give clean (or reference) as (x, y) "
+                             "tensors, or a Dataset or DataLoader of (x, y)")
+        with eval_mode(model):
+            self.prepare(model, reference_x, reference_y, batch_size=batch_size)
+            self.fit_signatures(self.signatures(model, x, batch_size=batch_size),
+                                None if x_adv is None else self.signatures(model, x_adv, batch_size=batch_size))
+        return self
+
+    def predict(self, inputs: Inputs, *, batch_size: int = 64) -> np.ndarray:
+        """Scores of ``inputs`` (any of :data:`Inputs`; labels ignored), shape [N] in their order:
+        higher means more likely adversarial. :meth:`score_samples` of their :meth:`signatures`,
+        as an audit scores its test inputs; the detector must be bound to a model and fitted."""
+        model = self._bound_model("predict")
+        x, _ = as_tensors(inputs, batch_size=batch_size, ordered=True)
+        with eval_mode(model):
+            return self.score_samples(self.signatures(model, x, batch_size=batch_size))
+
+    def __call__(self, inputs: Inputs, *, batch_size: int = 64) -> np.ndarray:
+        """:meth:`predict`."""
+        return self.predict(inputs, batch_size=batch_size)
+
+    def _bound_model(self, method: str) -> nn.Module:
+        if self.model is None:
+            cls = type(self).__name__
+            raise ValueError(f"{cls}.{method} on inputs needs a model: create the detector as {cls}(model, ...)")
+        return self.model
 
     @abstractmethod
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
@@ -100,6 +199,55 @@ class Detector(BaseEstimator, ABC):
         them, for an attacker who optimizes against the fitted detector (the ``adaptive`` protocol).
         Call after :meth:`prepare` and :meth:`fit`; no batching, no ``no_grad``."""
         raise NotImplementedError(f"{self.name} has no differentiable score")
+
+
+def as_tensors(data: Inputs, *, batch_size: int = 64, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``data`` (any of :data:`Inputs`) as one tensor of inputs on the CPU and one of labels (None
+    when it has none), in its order; a ``Dataset`` is read through a ``DataLoader`` of ``batch_size``.
+    ``ordered``: the order matters (scores, or (clean, adversarial) pairs, follow it), so a
+    shuffling ``DataLoader`` is refused."""
+    if isinstance(data, (torch.Tensor, tuple, list)):
+        return _inputs_and_labels(data)
+    if isinstance(data, Dataset):
+        data = DataLoader(data, batch_size=batch_size)
+    if not isinstance(data, DataLoader):
+        raise TypeError(f"inputs must be a tensor, an (x, y) pair, a Dataset or a DataLoader; got {type(data).__name__}")
+    if ordered and isinstance(data.sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+        raise ValueError("this DataLoader shuffles, but its order matters here (scores, or (clean, adversarial) pairs, "
+                         "follow it): pass one with shuffle=False")
+    batches = [_inputs_and_labels(batch) for batch in data]
+    if not batches:
+        raise ValueError("the DataLoader yields no inputs")
+    labels = [y for _, y in batches if y is not None]
+    return torch.cat([x for x, _ in batches]), torch.cat(labels) if len(labels) == len(batches) else None
+
+
+def _inputs_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A tensor of inputs, or an ``(x, y)`` pair (a tuple or the list a ``DataLoader`` collates)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().cpu(), None
+    if isinstance(batch, (tuple, list)) and len(batch) == 1 and isinstance(batch[0], torch.Tensor):
+        return batch[0].detach().cpu(), None  # a TensorDataset of inputs alone
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        x, y = batch[0].detach().cpu(), torch.as_tensor(batch[1]).cpu()
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"labels must be one per input: got shape {tuple(y.shape)} for {len(x)} inputs")
+        return x, y
+    raise TypeError("inputs must be a tensor of inputs or an (x, y) pair of tensors; got "
+                    f"{type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode with gradients enabled (signatures read input gradients), as in an audit; the
+    model's mode restored afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        model.train(training)
 
 
 def require_adversarial(detector: Detector, clean: np.ndarray, adversarial: np.ndarray | None) -> np.ndarray:

@@ -29,7 +29,7 @@ The sensitivity variant exists because the paper's signature barely moves for mi
 attacks (CW with kappa 0, DeepFool): their adversarial examples sit on the decision boundary,
 where the all-ones loss is flat, but there a little noise flips the prediction. The built-in
 suites run it as ``confounding_gradient_sensitive`` (softmax loss, levels 0.02 and 0.08, 8 draws);
-the README's "Variants and ablations" gives its measured AUROC beside the paper's detector.
+docs/research.md ("Research round 2") gives its measured AUROC beside the paper's detector.
 """
 
 from __future__ import annotations
@@ -102,9 +102,10 @@ class ConfoundingSignatures(Detector):
 
     gradient_kind = _GradientKind()  # type: ignore[assignment]
 
-    def __init__(self, label: str = "ones", loss: str = "sigmoid_bce", norm: str = "l2sq",
-                 layers: Sequence[str] = (), with_outputs: bool = False, noise_levels: Sequence[float] = (),
-                 noise_draws: int = 8) -> None:
+    def __init__(self, model: nn.Module | None = None, label: str = "ones", loss: str = "sigmoid_bce",
+                 norm: str = "l2sq", layers: Sequence[str] = (), with_outputs: bool = False,
+                 noise_levels: Sequence[float] = (), noise_draws: int = 8) -> None:
+        self.model = model
         self.label = label
         self.loss = loss
         self.norm = norm
@@ -198,14 +199,15 @@ class ConfoundingGradient(ConfoundingSignatures):
     needs_adversarial = True
     uses_adversarial = True
 
-    def __init__(self, label: str = "ones", loss: str = "sigmoid_bce", norm: str = "l2sq", layers: Sequence[str] = (),
-                 with_outputs: bool = False, noise_levels: Sequence[float] = (), noise_draws: int = 8,
-                 Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
-        super().__init__(label, loss, norm, layers, with_outputs, noise_levels, noise_draws)
+    def __init__(self, model: nn.Module | None = None, label: str = "ones", loss: str = "sigmoid_bce",
+                 norm: str = "l2sq", layers: Sequence[str] = (), with_outputs: bool = False,
+                 noise_levels: Sequence[float] = (), noise_draws: int = 8, Cs: Sequence[float] = DEFAULT_CS,
+                 cv: int = 5) -> None:
+        super().__init__(model, label, loss, norm, layers, with_outputs, noise_levels, noise_draws)
         self.Cs = Cs
         self.cv = cv
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradient":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradient":
         adversarial = require_adversarial(self, clean, adversarial)
         self.pipeline_: Pipeline
         self.pipeline_, self.C_, _ = fit_logistic(clean, adversarial, Cs=self.Cs, cv=self.cv,

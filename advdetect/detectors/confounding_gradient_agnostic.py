@@ -100,12 +100,12 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
     needs_adversarial = False
     uses_adversarial = False
 
-    def __init__(self, label: str = "ones", loss: str = "softmax_bce", norm: str = "l2sq", layers: Sequence[str] = (),
-                 with_outputs: bool = False, noise_levels: Sequence[float] = (0.02, 0.08),
-                 noise_draws: int = 8, epsilons: Sequence[float] = (0.005, 0.015, 0.05, 0.15),
+    def __init__(self, model: nn.Module | None = None, label: str = "ones", loss: str = "softmax_bce",
+                 norm: str = "l2sq", layers: Sequence[str] = (), with_outputs: bool = False,
+                 noise_levels: Sequence[float] = (0.02, 0.08), noise_draws: int = 8, epsilons: Sequence[float] = (0.005, 0.015, 0.05, 0.15),
                  iterative_epsilons: Sequence[float] = (0.015, 0.05), iterative_steps: int = 5,
                  overshoot: float = 0.2, boundary_steps: int = 10, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
-        super().__init__(label, loss, norm, layers, with_outputs, noise_levels, noise_draws, Cs, cv)
+        super().__init__(model, label, loss, norm, layers, with_outputs, noise_levels, noise_draws, Cs, cv)
         self.epsilons = epsilons
         self.iterative_epsilons = iterative_epsilons
         self.iterative_steps = iterative_steps
@@ -133,12 +133,12 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
             raise Unavailable(f"{len(clean)} correctly classified reference inputs gave {len(adversarial)} "
                              f"adversarial examples of its own, {MIN_SELF_MADE} of each needed; raise --n-reference "
                              f"or the epsilons")
-        super().fit(self.signatures(model, clean, batch_size=batch_size),
-                    self.signatures(model, adversarial, batch_size=batch_size))
+        super().fit_signatures(self.signatures(model, clean, batch_size=batch_size),
+                               self.signatures(model, adversarial, batch_size=batch_size))
         self.n_self_made_ = len(adversarial)
         return self
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradientAgnostic":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradientAgnostic":
         """Fitted in :meth:`prepare`, on its own adversarial examples; nothing is learned from these."""
         check_is_fitted(self, "pipeline_")
         return self

@@ -17,10 +17,11 @@ from advdetect.signatures.inference import batched_logits
 
 
 @register_detector
-class Energy(Detector):
+class EnergyScore(Detector):
     name = "energy"
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module | None = None, temperature: float = 1.0) -> None:
+        self.model = model
         self.temperature = temperature
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:

@@ -24,7 +24,8 @@ from advdetect.detectors.base import Detector
 class GradNorm(Detector):
     name = "gradnorm"
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module | None = None, temperature: float = 1.0) -> None:
+        self.model = model
         self.temperature = temperature
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:

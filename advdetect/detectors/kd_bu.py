@@ -39,8 +39,10 @@ class KernelDensityBayesianUncertainty(Detector):
     needs_adversarial = True
     uses_adversarial = True
 
-    def __init__(self, bandwidth_factors: Sequence[float] = (0.25, 0.5, 1.0), dropout: float = 0.5,
-                 dropout_samples: int = 50, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module | None = None, bandwidth_factors: Sequence[float] = (0.25, 0.5, 1.0),
+                 dropout: float = 0.5, dropout_samples: int = 50, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5,
+                 seed: int = 0) -> None:
+        self.model = model
         self.bandwidth_factors = bandwidth_factors
         self.dropout = dropout
         self.dropout_samples = dropout_samples
@@ -98,7 +100,8 @@ class KernelDensityBayesianUncertainty(Detector):
     def _pair(self, signatures: np.ndarray, j: int) -> np.ndarray:
         return np.asarray(signatures)[:, [j, len(self.bandwidth_factors)]]
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "KernelDensityBayesianUncertainty":
+    def fit_signatures(self, clean: np.ndarray,
+                       adversarial: np.ndarray | None = None) -> "KernelDensityBayesianUncertainty":
         check_is_fitted(self, "reference_")
         adversarial = require_adversarial(self, clean, adversarial)
         candidates = {j: fit_logistic(self._pair(clean, j), self._pair(adversarial, j), Cs=self.Cs, cv=self.cv)

@@ -39,8 +39,9 @@ class LID(Detector):
     needs_adversarial = True
     uses_adversarial = True
 
-    def __init__(self, ks: Sequence[int] = (10, 20, 30), num_layers: int = 4, Cs: Sequence[float] = DEFAULT_CS,
-                 cv: int = 5) -> None:
+    def __init__(self, model: nn.Module | None = None, ks: Sequence[int] = (10, 20, 30), num_layers: int = 4,
+                 Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
+        self.model = model
         self.ks = ks
         self.num_layers = num_layers
         self.Cs = Cs
@@ -75,7 +76,7 @@ class LID(Detector):
         width = len(self.reference_)
         return np.asarray(signatures)[:, j * width : (j + 1) * width]
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "LID":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "LID":
         check_is_fitted(self, "reference_")
         adversarial = require_adversarial(self, clean, adversarial)
         candidates = {j: fit_logistic(self._k_block(clean, j), self._k_block(adversarial, j), Cs=self.Cs, cv=self.cv)

@@ -38,8 +38,9 @@ class Mahalanobis(Detector):
     name = "mahalanobis"
     uses_adversarial = True
 
-    def __init__(self, noises: Sequence[float] = (0.0, 0.0005, 0.001, 0.002, 0.005), num_layers: int = 4,
-                 Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
+    def __init__(self, model: nn.Module | None = None, noises: Sequence[float] = (0.0, 0.0005, 0.001, 0.002, 0.005),
+                 num_layers: int = 4, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
+        self.model = model
         self.noises = noises
         self.num_layers = num_layers
         self.Cs = Cs
@@ -103,7 +104,7 @@ class Mahalanobis(Detector):
         width = len(self.means_)
         return np.asarray(signatures)[:, k * width : (k + 1) * width]
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Mahalanobis":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Mahalanobis":
         check_is_fitted(self, "means_")
         if adversarial is None:
             self.noise_index_, self.pipeline_ = 0, None

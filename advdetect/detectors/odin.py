@@ -58,8 +58,9 @@ class ODIN(Detector):
     name = "odin"
     uses_adversarial = True
 
-    def __init__(self, temperatures: Sequence[float] = (1.0, 10.0, 100.0, 1000.0),
+    def __init__(self, model: nn.Module | None = None, temperatures: Sequence[float] = (1.0, 10.0, 100.0, 1000.0),
                  epsilons: Sequence[float] = (0.0, 0.0005, 0.0014, 0.003, 0.006)) -> None:
+        self.model = model
         self.temperatures = temperatures
         self.epsilons = epsilons
 
@@ -75,7 +76,7 @@ class ODIN(Detector):
                              f"epsilon={DEFAULT_SETTING[1]:g}")
         return odin_scores(model, inputs, self.temperatures, self.epsilons, batch_size)
 
-    def fit(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ODIN":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ODIN":
         grid = self._grid()
         if adversarial is None:
             self.column_ = grid.index(DEFAULT_SETTING)

@@ -19,6 +19,12 @@ Detectors that use no adversarial examples fit on the reference inputs under ``s
 ``noisy_negatives`` (the control of Feinman et al. 2017 and Ma et al. 2018), each clean input
 gets a Gaussian-noise copy as far from it in L2 as its adversarial example, and the negatives
 of both fitting and testing are the clean inputs and these copies.
+
+Each detector goes through the calls of a standalone one (:meth:`~advdetect.detectors.Detector.fit`
+and :meth:`~advdetect.detectors.Detector.predict` on inputs): :meth:`~advdetect.detectors.Detector.prepare`
+on the reference inputs, then :meth:`~advdetect.detectors.Detector.fit_signatures` and
+:meth:`~advdetect.detectors.Detector.score_samples` on signatures, which the stage computes once per
+input set and signature block (:class:`Signatures`) instead of once per fit.
 """
 
 from __future__ import annotations
@@ -127,7 +133,7 @@ class PreparedDetector:
         if on in self.kept:
             return self.kept[on]
         if self.fitted_on != on:
-            self.detector.fit(clean, adversarial)
+            self.detector.fit_signatures(clean, adversarial)
             self.fitted_on = on
         if keep:
             self.kept[on] = copy.deepcopy(self.detector)
@@ -268,10 +274,10 @@ class Signatures:
     store: dict[tuple, np.ndarray] = field(default_factory=dict)
 
     def get(self, detector: Detector, what: str, inputs: torch.Tensor) -> np.ndarray:
-        """The signatures of ``inputs`` (named ``what``), computed on first use block by block
-        (:meth:`~advdetect.detectors.Detector.signature_blocks`, each block once for every
-        detector that shares it), in chunks of ``batch_size`` rows, shared among the ranks of a
-        distributed audit."""
+        """The signatures of ``inputs`` (named ``what``), ``detector.signatures(model, inputs)``:
+        computed on first use block by block (:meth:`~advdetect.detectors.Detector.signature_blocks`,
+        each block once for every detector that shares it), in chunks of ``batch_size`` rows, shared
+        among the ranks of a distributed audit."""
         key = (detector.signature_key(), what)
         if key not in self.store:
             blocks = [self._block(block_key, compute, what, inputs) for block_key, compute in detector.signature_blocks()]
