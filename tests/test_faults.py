@@ -125,7 +125,7 @@ def test_bad_suite_values_stop_before_any_work(suite, message, workdir, capsys):
     ("options", "message"),
     [
         (["--n", "0"], "argument --n: must be at least 1, got 0"),
-        (["--seed", "-1"], "argument --seed: must be from 0 to"),
+        (["--seed", "-1"], "argument --seed: must be a whole number from 0 to 4294967295, got -1"),
         (["--std", "nan", "--mean", "0.5"], "argument --std: expected finite numbers"),
         (["--fit-fraction", "nan"], "argument --fit-fraction: must lie strictly between 0 and 1"),
         (["--device", "meta"], "--device 'meta' is not one advdetect runs on"),

@@ -8,6 +8,8 @@ from xml.etree import ElementTree
 import pytest
 
 from advdetect.cli.commands import main
+from advdetect.errors import ExitCode
+from advdetect.run.checks import FAILED, PASSED, SKIPPED, Check, Outcome, Verdict, judge, junit_xml
 from advdetect.run.storage import read_json, write_json
 
 SUITE = """
@@ -42,6 +44,29 @@ def suite_file(tmp_path):
 def check(suite, tmp_path, name, *extra):
     return main(["check", suite, "--n", "60", "--detectors", "confounding_gradient,msp", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs" / name),
                  *extra])
+
+
+def test_one_verdict_counts_for_the_exit_code_the_closing_line_junit_and_results_json():
+    checks = [Check("s", "fgsm", f"fgsm[eps={eps}]", eps, "attack_success_rate", 0.5) for eps in (0.1, 0.2, 0.3, 0.4)]
+    verdict = Verdict(tuple(Outcome(check, status, value, "m") for check, status, value in zip(
+        checks, (PASSED, FAILED, SKIPPED, PASSED), (0.2, 0.9, None, 0.1))))
+    assert verdict.counts == {"passed": 2, "failed": 1, "skipped": 1} and not verdict.passed
+    assert verdict.exit_code == ExitCode.CHECK_FAILED and str(verdict) == "2 passed, 1 failed, 1 skipped"
+    assert verdict.closing_line(1.25) == "2 passed, 1 failed, 1 skipped in 1.2s"
+    record = verdict.record().to_dict()  # as results.json keeps it
+    assert {k: record[k] for k in ("passed", "failed", "skipped")} == verdict.counts
+    assert [c["status"] for c in record["checks"]] == ["PASSED", "FAILED", "SKIPPED", "PASSED"]
+    assert record["checks"][1] == {"nodeid": "s::fgsm[eps=0.2]::attack_success_rate", "status": "FAILED",
+                                   "value": 0.9, "message": "m"}
+    suite = ElementTree.fromstring(junit_xml("s", verdict, 1.0)).find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("4", "1", "1")
+
+    passing = Verdict(verdict.outcomes[2:])  # a skipped check does not fail, as in pytest
+    assert passing.passed and passing.exit_code == ExitCode.OK
+    assert passing.closing_line(0) == "1 passed, 0 failed, 1 skipped in 0.0s"
+    assert Verdict(verdict.outcomes[3:]).closing_line(0) == "1 passed, 0 failed in 0.0s"
+    document = {"attacks": [{"attack": "fgsm", "strength": 0.1, "attack_success_rate": 0.6}], "results": []}
+    assert judge(checks[:1], document).counts == {"passed": 0, "failed": 1, "skipped": 0}
 
 
 def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, capsys):

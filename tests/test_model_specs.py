@@ -248,10 +248,11 @@ def test_folder_without_sizes_keeps_images_and_refuses_mixed_sizes(wide_folder):
 
 
 def test_crop_errors(wide_folder, tmp_path):
+    # the sizes are checked with the audit's options (advdetect/config/options.py), before any data is read
     with pytest.raises(UsageError, match=r"--crop 12 is larger than --image-size 10"):
-        load_data(f"folder:{wide_folder}", DataOptions(image_size=10, crop=12))
+        build_options(data=f"folder:{wide_folder}", image_size=10, crop=12)
     with pytest.raises(UsageError, match=r"--crop must be at least 1; got 0"):
-        load_data(f"folder:{wide_folder}", DataOptions(crop=0))
+        build_options(data=f"folder:{wide_folder}", crop=0)
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8, 3), dtype=np.uint8), y=np.arange(4))
     with pytest.raises(UsageError, match=r"--crop applies to folder:DIR images only"):
         load_data(f"npz:{tmp_path / 'd.npz'}", DataOptions(crop=4))

@@ -41,13 +41,13 @@ def add_audit_arguments(parser: argparse.ArgumentParser, *, suite: bool = True) 
         if option.name in ("suite", "attacks") and not suite:
             continue
         if option.positional:
-            parser.add_argument(option.name, nargs="?", default=None, help=option.help)
+            parser.add_argument(option.name, nargs="?", default=None, help=option.help_text)
         elif option.flag:
             parser.add_argument(option.option_string, action=argparse.BooleanOptionalAction, default=None,
-                                help=option.help)
+                                help=option.help_text)
         else:
             parser.add_argument(option.option_string, type=argparse_type(option.parse), default=None,
-                                metavar=option.metavar, help=option.help)
+                                metavar=option.metavar, help=option.help_text)
 
 
 def _verbosity(default: Any) -> argparse.ArgumentParser:
@@ -235,7 +235,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from advdetect.run.checks import FAILED, closing_line, evaluate, junit_xml, outcome_dict, plan_checks
+    from advdetect.run.checks import judge, junit_xml, outcome_dict, plan_checks
     from advdetect.stages.pipeline import run_audit
     from advdetect.run.folder import check_writable_file, write_manifest
     from advdetect.run.storage import write_bytes
@@ -252,25 +252,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     run_dir, document = run_audit(options, args.out)
     if not main_rank:
         return ExitCode.OK
-    outcomes = [evaluate(check, document) for check in checks]
+    verdict = judge(checks, document)
     seconds = time.perf_counter() - started
-    failed = sum(o.status == FAILED for o in outcomes)
-    verdict = {"passed": sum(o.status == "PASSED" for o in outcomes), "failed": failed,
-               "skipped": sum(o.status == "SKIPPED" for o in outcomes)}
     if args.json:
-        _print_json({"suite": options.suite.name, "run_dir": str(run_dir), **verdict, "seconds": round(seconds, 3),
-                     "checks": [outcome_dict(o) for o in outcomes]})
+        _print_json({"suite": options.suite.name, "run_dir": str(run_dir), **verdict.counts,
+                     "seconds": round(seconds, 3), "checks": [outcome_dict(o) for o in verdict.outcomes]})
     else:
-        for outcome in outcomes:
+        for outcome in verdict.outcomes:
             print(outcome.line)
-        print(closing_line(outcomes, seconds))
-    write_manifest(run_dir, verdict=verdict)
+        print(verdict.closing_line(seconds))
+    write_manifest(run_dir, verdict=verdict.counts)
     if args.junitxml:
         try:
-            write_bytes(args.junitxml, junit_xml(options.suite.name, outcomes, seconds))
+            write_bytes(args.junitxml, junit_xml(options.suite.name, verdict, seconds))
         except OSError as exc:
             raise UsageError(f"cannot write --junitxml {args.junitxml}: {exc.strerror or exc}") from None
-    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
+    return verdict.exit_code
 
 
 def cmd_history(args: argparse.Namespace) -> int:

@@ -26,11 +26,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if option.positional:
             group.addoption(flag, metavar="SUITE", help="audit suite whose thresholds become test items: a suite TOML "
                                                         "file, or the name of a built-in suite")
-        elif option.flag:
-            group.addoption(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
+        elif option.flag:  # --advdetect-cache, and --advdetect-no-cache as the docs say (--no-advdetect-cache too)
+            group.addoption(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help_text)
+            group.addoption("--advdetect-no-" + flag[len("--advdetect-"):], action="store_false",
+                            dest=f"advdetect_{option.name}", default=None, help=f"the same as --no-{flag[2:]}")
         else:
             group.addoption(flag, type=argparse_type(option.parse), metavar=option.metavar or option.name.upper(),
-                            help=option.help)
+                            help=option.help_text)
 
 
 class CheckFailed(Exception):
@@ -86,9 +88,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     suite = config.getoption("advdetect_suite")
     if not suite:
         return
-    from advdetect.run.checks import plan_checks
-    from advdetect.errors import UsageError
     from advdetect.config.options import resolve
+    from advdetect.errors import UsageError
+    from advdetect.run.checks import plan_checks
     from advdetect.stages.preflight import build_options
 
     try:

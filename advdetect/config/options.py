@@ -1,9 +1,15 @@
-"""The audit's options, declared once: the command line, the pytest plugin and the project's
-``[tool.advdetect]`` defaults in ``pyproject.toml`` are all made from :data:`AUDIT_OPTIONS`.
+"""The audit's options, declared once. Each :class:`Option` of :data:`AUDIT_OPTIONS` holds its
+type (a :class:`Kind`, which holds the range), its default and its help, and everything else is
+made from them: the flags of ``advdetect audit`` (and ``check``, ``ood``, ``bench --audit``), the
+pytest plugin's ``--advdetect-`` options, the keys of ``[tool.advdetect]`` in ``pyproject.toml``,
+and the checks of the Python API's keywords. Adding an option is adding one :class:`Option` (and
+its keyword to :func:`advdetect.audit`, whose signature is spelled out for type checkers;
+``tests/test_options_declared_once.py`` fails until it is there).
 
-Every option has one parser from text, so a value is checked the same way wherever it comes
-from; a value from ``pyproject.toml`` (a TOML number, string, list or boolean) is turned into
-the text a flag would carry and parsed like one. Torch-free.
+One rule per option, applied wherever a value comes from: a flag's text (and a ``pyproject.toml``
+value, turned into the text a flag would carry) by :meth:`Option.parse`, a Python value by
+:meth:`Option.check`; :func:`validate` checks every value and the rules between options, once, at
+the boundary. Torch-free: the pytest plugin imports it when pytest starts.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ import argparse
 import difflib
 import logging
 import math
+import numbers
+import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from advdetect.errors import UsageError
 
@@ -25,10 +35,17 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PYPROJECT = "pyproject.toml"
+#: Fewest clean reference inputs an audit accepts (detectors fit class statistics on them).
+MIN_REFERENCE = 20
 
 
 class InvalidValue(ValueError):
-    """A value that breaks an option's rule; its message says the rule."""
+    """A value that breaks an option's rule: ``rule`` says the rule (``must be at least 1``),
+    ``shown`` the value as given; the message reads ``must be at least 1, got 0``."""
+
+    def __init__(self, rule: str, shown: str) -> None:
+        super().__init__(f"{rule}, got {shown}")
+        self.rule, self.shown = rule, shown
 
 
 def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -43,99 +60,228 @@ def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidValue(f"expected a whole number, got {text!r}") from None
+# --- kinds: how an option's values are typed, and their range ----------------------------------
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise InvalidValue(f"expected a number, got {text!r}") from None
+class Kind:
+    """How one option's values are typed and bounded. :meth:`parse` reads a flag's text,
+    :meth:`check` a Python value (a NumPy number included); both apply the same range."""
 
+    #: what a value must be, as messages say it: "a whole number"
+    noun = "a value"
+    #: a list of values: comma-separated in a flag, a TOML list in pyproject.toml
+    many = False
 
-def positive_int(text: str) -> int:
-    value = _whole(text)
-    if value < 1:
-        raise InvalidValue(f"must be at least 1, got {text}")
-    return value
-
-
-def positive_ints(text: str) -> list[int]:
-    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
-    if not values:
-        raise InvalidValue(f"expected comma-separated whole numbers, got {text!r}")
-    return sorted(set(values))
-
-
-def seed(text: str) -> int:
-    value = _whole(text)
-    if not 0 <= value < 2**32:
-        raise InvalidValue(f"must be from 0 to {2**32 - 1}, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = _number(text)
-    if not 0.0 < value < 1.0:
-        raise InvalidValue(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-def fold_count(text: str) -> int:
-    value = _whole(text)
-    if value < 0 or value == 1:
-        raise InvalidValue(f"must be 0 (off) or at least 2, got {text}")
-    return value
-
-
-def floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise InvalidValue(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise InvalidValue(f"expected finite numbers, got {text}")
-    return values
-
-
-def names(text: str) -> list[str]:
-    listed = [n.strip() for n in text.split(",") if n.strip()]
-    if not listed:
-        raise InvalidValue(f"expected comma-separated names, got {text!r}")
-    return listed
-
-
-def choice(*allowed: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in allowed:
-            raise InvalidValue(f"must be one of {', '.join(allowed)}, got {text!r}")
+    def from_text(self, text: str) -> Any:
         return text
 
-    return parse
+    def from_value(self, value: Any) -> Any:
+        return value
+
+    @property
+    def rule(self) -> str:
+        """The range, as messages say it: "must be at least 1"."""
+        return f"must be {self.noun}"
+
+    def holds(self, value: Any) -> bool:
+        return True
+
+    def parse(self, text: str) -> Any:
+        value = self.from_text(text)
+        if not self.holds(value):
+            raise InvalidValue(self.rule, repr(value) if isinstance(value, str) else text)
+        return value
+
+    def check(self, value: Any) -> Any:
+        typed = self.from_value(value)
+        if not self.holds(typed):
+            raise InvalidValue(self.rule, repr(typed))
+        return typed
+
+    def _not_text(self, text: str) -> InvalidValue:
+        return InvalidValue(f"expected {self.noun}", repr(text))
+
+    def _not_value(self, value: Any) -> InvalidValue:
+        return InvalidValue(f"must be {self.noun}", repr(value))
 
 
-def text(value: str) -> str:
-    return value
+class Text(Kind):
+    """A string."""
+
+    noun = "a string"
+
+    def from_value(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self._not_value(value)
+        return value
 
 
-def path(value: str) -> Path:
-    return Path(value)
+class Spec(Kind):
+    """A spec (``default``, ``torchvision:NAME``, ``npz:FILE``, a suite file...); the Python API
+    may give an object instead (a module, tensors, a loaded suite), which its own loader checks."""
+
+    noun = "a spec"
+
+
+class FilePath(Kind):
+    """A path; a ``str`` where the value is recorded in ``run.json`` as given (``as_text``)."""
+
+    noun = "a path"
+
+    def __init__(self, as_text: bool = False) -> None:
+        self.as_text = as_text
+
+    def from_text(self, text: str) -> str | Path:
+        return text if self.as_text else Path(text)
+
+    def from_value(self, value: Any) -> str | Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise self._not_value(value)
+        return os.fspath(value) if self.as_text else Path(value)
+
+
+class Whole(Kind):
+    """A whole number from ``low`` (to ``high``), or ``off``, the number that turns the option off."""
+
+    noun = "a whole number"
+
+    def __init__(self, low: int, high: int | None = None, off: int | None = None) -> None:
+        self.low, self.high, self.off = low, high, off
+
+    @property
+    def rule(self) -> str:
+        if self.off is not None:
+            return f"must be {self.off} (off) or at least {self.low}"
+        if self.high is not None:
+            return f"must be a whole number from {self.low} to {self.high}"
+        return f"must be at least {self.low}"
+
+    def holds(self, value: int) -> bool:
+        return value == self.off or (self.low <= value and (self.high is None or value <= self.high))
+
+    def from_text(self, text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise self._not_text(text) from None
+
+    def from_value(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise self._not_value(value)
+        return int(value)
+
+
+class Fraction(Kind):
+    """A number strictly between 0 and 1."""
+
+    noun = "a number"
+    rule = "must lie strictly between 0 and 1"
+
+    def holds(self, value: float) -> bool:
+        return 0.0 < value < 1.0
+
+    def from_text(self, text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise self._not_text(text) from None
+
+    def from_value(self, value: Any) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise self._not_value(value)
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+class Choice(Kind):
+    """One of a few names (an ``Enum`` member of them counts as its value)."""
+
+    def __init__(self, *allowed: str) -> None:
+        self.allowed = allowed
+        self.noun = f"one of {', '.join(allowed)}"
+
+    @property
+    def rule(self) -> str:
+        return f"must be {self.noun}"
+
+    def holds(self, value: Any) -> bool:
+        return value in self.allowed
+
+    def from_value(self, value: Any) -> Any:
+        return value.value if isinstance(value, Enum) else value
+
+
+class Names(Kind):
+    """Names: comma-separated in a flag (or a Python string), a list in TOML or Python."""
+
+    noun = "comma-separated names"
+    many = True
+
+    def from_text(self, text: str) -> list[str]:
+        listed = [name.strip() for name in text.split(",") if name.strip()]
+        if not listed:
+            raise self._not_text(text)
+        return listed
+
+    def from_value(self, value: Any) -> list[str]:
+        if isinstance(value, str):  # one string is a comma-separated list, as in a flag (never a list of letters)
+            return [name.strip() for name in value.split(",") if name.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+            return list(value)
+        raise InvalidValue("must be a list of names", repr(value))
+
+
+class Numbers(Kind):
+    """Finite numbers: comma-separated in a flag, a list in TOML or Python."""
+
+    noun = "finite numbers"
+    many = True
+
+    def from_text(self, text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise InvalidValue("expected comma-separated numbers", repr(text)) from None
+        if not all(math.isfinite(v) for v in values):
+            raise InvalidValue(f"expected {self.noun}", text)
+        return values
+
+    def from_value(self, value: Any) -> tuple[float, ...]:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise self._not_value(value)
+        values = list(value)
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise self._not_value(values)
+        return tuple(float(v) for v in values)
+
+
+class Switch(Kind):
+    """On or off: ``--name``/``--no-name`` on the command line, ``true``/``false`` in TOML."""
+
+    noun = "true or false"
+
+    def from_value(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self._not_value(value)
+        return value
+
+
+# --- the options ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Option:
-    """One audit option: ``name`` is its keyword (``n_reference``), ``--n-reference`` its flag."""
+    """One audit option: ``name`` is its keyword (``n_reference``), ``--n-reference`` its flag,
+    ``kind`` its type and range. ``None`` is a value wherever the default is None, and for
+    ``optional`` options (``n=None``: every input) through the Python API."""
 
     name: str
     help: str
-    parse: Callable[[str], Any] = text
+    kind: Kind
     default: Any = None
-    flag: bool = False  #: a switch: present or not, ``true``/``false`` in pyproject.toml
-    path: bool = False  #: a path, read relative to the pyproject.toml that gives it
+    #: what the help says the default is, where the value alone does not say it
+    shown_default: str | None = None
+    optional: bool = False
+    path: bool = False  #: holds a path, read relative to the pyproject.toml that gives it
     metavar: str | None = None
     positional: bool = False
 
@@ -143,72 +289,129 @@ class Option:
     def option_string(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def flag(self) -> bool:
+        """A switch: present or not (``--no-NAME``), ``true``/``false`` in pyproject.toml."""
+        return isinstance(self.kind, Switch)
+
+    @property
+    def help_text(self) -> str:
+        """The help, with the default said (a switch's help says its own)."""
+        shown = self.shown_default or (None if self.default is None or self.flag else self.default)
+        return self.help if shown is None else f"{self.help} (default: {shown})"
+
+    def parse(self, text: str) -> Any:
+        """The value of a flag's text; :class:`InvalidValue` when it breaks the option's rule."""
+        return self.kind.parse(text)
+
+    def check(self, value: Any) -> Any:
+        """A Python value, typed as the option's (a NumPy whole number as an ``int``, a path as a
+        ``Path``); :class:`InvalidValue` when it breaks the option's rule."""
+        if value is None and (self.default is None or self.optional):
+            return None
+        return self.kind.check(value)
+
     def from_toml(self, value: Any) -> Any:
         """The option's value from a TOML value, checked by the same parser as the flag's text."""
         if self.flag:
             if not isinstance(value, bool):
-                raise InvalidValue(f"expected true or false, got {value!r}")
+                raise InvalidValue("expected true or false", repr(value))
             return value
-        if isinstance(value, bool) or isinstance(value, dict):
-            raise InvalidValue(f"expected {'a list or ' if self.parse in (names, floats) else ''}a value, got {value!r}")
+        if isinstance(value, (bool, dict)):
+            raise InvalidValue(f"expected {'a list or ' if self.kind.many else ''}a value", repr(value))
         if isinstance(value, list):
-            if self.parse not in (names, floats):
-                raise InvalidValue(f"expected one value, got a list {value!r}")
+            if not self.kind.many:
+                raise InvalidValue("expected one value", f"a list {value!r}")
             value = ",".join(str(v) for v in value)
         return self.parse(str(value))
 
 
-_MODEL_HELP = ("default, torchvision:NAME, timm:NAME, robustbench:NAME, file.py:Callable, package.module:Callable "
-               "or a TorchScript file.pt (default: the embedded MNIST CNN)")
-_DATA_HELP = ("default, folder:DIR, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, svhn:ROOT or npz:FILE "
-              "(default: the embedded MNIST test split)")
-
 #: Every option of ``advdetect audit`` (``check`` and ``ood`` take the same, less ``suite`` and
 #: ``attacks`` for ``ood``), in the order ``--help`` lists them.
 AUDIT_OPTIONS: tuple[Option, ...] = (
-    Option("suite", "a suite TOML file, or the name of a built-in suite (default: default)", default="default",
-           positional=True),
-    Option("model", _MODEL_HELP, default="default"),
-    Option("weights", "weights for the model spec: .safetensors, or a state_dict in .pt/.pth", path=True, metavar="FILE"),
-    Option("dataset", "robustbench:NAME's dataset (default: cifar10)", choice("cifar10", "cifar100", "imagenet"),
-           default="cifar10"),
-    Option("threat_model", "robustbench:NAME's threat model (default: Linf)", choice("Linf", "L2", "corruptions"),
-           default="Linf"),
-    Option("model_dir", "robustbench checkpoints, as <dir>/<dataset>/<threat_model>/<NAME>.pt (default: ./models)",
+    Option("suite", "a suite TOML file, or the name of a built-in suite", Spec(), default="default", positional=True),
+    Option("model", "default, torchvision:NAME, timm:NAME, robustbench:NAME, file.py:Callable, package.module:Callable "
+                    "or a TorchScript file.pt", Spec(), default="default", shown_default="the embedded MNIST CNN"),
+    Option("weights", "weights for the model spec: .safetensors, or a state_dict in .pt/.pth", FilePath(as_text=True),
+           path=True, metavar="FILE"),
+    Option("dataset", "robustbench:NAME's dataset", Choice("cifar10", "cifar100", "imagenet"), default="cifar10"),
+    Option("threat_model", "robustbench:NAME's threat model", Choice("Linf", "L2", "corruptions"), default="Linf"),
+    Option("model_dir", "robustbench checkpoints, as <dir>/<dataset>/<threat_model>/<NAME>.pt", FilePath(as_text=True),
            default="./models", path=True, metavar="DIR"),
-    Option("mean", "comma-separated per-channel mean the model expects inputs normalized by", floats, metavar="M"),
-    Option("std", "comma-separated per-channel std, with --mean", floats, metavar="S"),
-    Option("data", _DATA_HELP, default="default"),
-    Option("image_size", "resize images to this size (folder data: the shorter side, then a center crop)",
-           positive_int, metavar="N"),
-    Option("crop", "folder data: center-crop to this square size after resizing (ImageNet style)", positive_int,
+    Option("mean", "comma-separated per-channel mean the model expects inputs normalized by", Numbers(), metavar="M"),
+    Option("std", "comma-separated per-channel std, with --mean", Numbers(), metavar="S"),
+    Option("data", "default, folder:DIR, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, svhn:ROOT or npz:FILE", Spec(),
+           default="default", shown_default="the embedded MNIST test split"),
+    Option("image_size", "resize images to this size (folder data: the shorter side, then a center crop)", Whole(1),
            metavar="N"),
-    Option("n", "inputs to audit, a seeded class-stratified sample (default: 256)", positive_int, default=256),
-    Option("attacks", "comma-separated attack ids: run only these attacks of the suite", names, metavar="IDS"),
-    Option("detectors", "comma-separated detector names, registered or the suite's [detector.NAME] variants "
-                        "(default: all registered, then the suite's variants)", names, metavar="NAMES"),
+    Option("crop", "folder data: center-crop to this square size after resizing (ImageNet style)", Whole(1),
+           metavar="N"),
+    Option("n", "inputs to audit, a seeded class-stratified sample", Whole(1), default=256, optional=True),
+    Option("attacks", "comma-separated attack ids: run only these attacks of the suite", Names(), metavar="IDS"),
+    Option("detectors", "comma-separated detector names, registered or the suite's [detector.NAME] variants", Names(),
+           shown_default="all registered, then the suite's variants", metavar="NAMES"),
     Option("n_reference", "clean reference inputs, drawn from the data beside the audited ones, that detectors fit "
-                          "class statistics and one-class models on (default: 256)", positive_int, default=256),
+                          "class statistics and one-class models on", Whole(MIN_REFERENCE), default=256),
     Option("noisy_negatives", "control: add Gaussian-noise copies of the clean inputs, as far in L2 as their "
-                              "adversarial examples, to the negatives", flag=True, default=False),
-    Option("seed", "seed for sampling, attacks and splits (default: 0)", seed, default=0),
-    Option("device", "auto (CUDA when present), cpu, cuda or cuda:N (default: auto)", default="auto"),
-    Option("batch_size", "batch size for attacks and features (default: 128)", positive_int, default=128),
+                              "adversarial examples, to the negatives", Switch(), default=False),
+    Option("seed", "seed for sampling, attacks and splits", Whole(0, 2**32 - 1), default=0),
+    Option("device", "auto (CUDA when present), cpu, cuda or cuda:N", Text(), default="auto"),
+    Option("batch_size", "batch size for attacks and features", Whole(1), default=128),
     Option("fit_fraction", "share of the correctly classified inputs whose (clean, adversarial) pairs calibrate the "
-                           "detectors; the rest test them (default: 0.2)", fraction, default=0.2),
+                           "detectors; the rest test them", Fraction(), default=0.2),
     Option("fit_folds", "cross-fit the supervised detectors over K folds of the correctly classified inputs: each "
                         "fold is tested by detectors fitted on the other K-1, so every fooled pair is tested and "
-                        "(K-1)/K of them fit; replaces the single --fit-fraction split (default: 0, off)", fold_count,
-           default=0, metavar="K"),
-    Option("out", "run folder to create (default: reports/<timestamp>)", path, path=True, metavar="DIR"),
-    Option("cache_dir", "where adversarial inputs are cached between runs (default: <user cache>/advdetect/attacks)",
-           path, path=True, metavar="DIR"),
-    Option("cache", "read and write the attack cache (default: on; --no-cache: neither)", flag=True, default=True),
+                        "(K-1)/K of them fit; replaces the single --fit-fraction split", Whole(2, off=0), default=0,
+           shown_default="0, off", metavar="K"),
+    Option("out", "run folder to create", FilePath(), shown_default="reports/<timestamp>", path=True, metavar="DIR"),
+    Option("cache_dir", "where adversarial inputs are cached between runs", FilePath(),
+           shown_default="<user cache>/advdetect/attacks", path=True, metavar="DIR"),
+    Option("cache", "read and write the attack cache (default: on; --no-cache: neither)", Switch(), default=True),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in AUDIT_OPTIONS}
 #: Options whose value is a spec that may name a path (``folder:DIR``, ``file.py:Class``, a suite file).
 _SPECS = ("suite", "model", "data")
+
+
+def defaults() -> dict[str, Any]:
+    """Every option's built-in default."""
+    return {option.name: option.default for option in AUDIT_OPTIONS}
+
+
+def validate(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (Python values, by option name) checked by their declarations, and the rules
+    between options; a :class:`UsageError` in one line, flag named, for the first that breaks one."""
+    checked = {}
+    for name, value in values.items():
+        option = OPTIONS_BY_NAME.get(name)
+        if option is None:
+            raise TypeError(f"no audit option {name!r}; valid options: {', '.join(OPTIONS_BY_NAME)}")
+        try:
+            checked[name] = option.check(value)
+        except InvalidValue as exc:
+            raise UsageError(f"{option.option_string} {exc.rule}; got {exc.shown}") from None
+    crop, image_size = checked.get("crop"), checked.get("image_size")
+    if crop is not None and image_size is not None and crop > image_size:
+        raise UsageError(f"--crop {crop} is larger than --image-size {image_size}, the side images are resized to "
+                         f"before the crop; give a crop of at most the image size")
+    n, folds = checked.get("n"), checked.get("fit_folds")
+    if n is not None and folds is not None and folds > n:
+        raise UsageError(f"--fit-folds {folds} is more folds than the {n} audited inputs; use at most --n folds "
+                         f"(5 or 10 is usual)")
+    return checked
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1, from a flag's text (for flags outside :data:`AUDIT_OPTIONS`)."""
+    return int(Whole(1).parse(text))
+
+
+def positive_ints(text: str) -> list[int]:
+    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise InvalidValue("expected comma-separated whole numbers", repr(text))
+    return sorted(set(values))
 
 
 #: Folders that mark a project's root: the search for ``pyproject.toml`` goes no higher.

@@ -1,37 +1,31 @@
-"""Stage 3: ``results.json``, ``report.html`` (self-contained) and ``report.pdf`` from a run folder."""
+"""Stage 3: ``results.json``, ``report.html`` (self-contained) and ``report.pdf`` from a run folder.
+
+This module reads the run folder and says what the report shows: ``results.json`` (declared by
+:class:`~advdetect.run.records.Results`), the key findings, the tables and their notes, gathered in
+one view (:func:`report_view`) that :mod:`advdetect.report.html` and :mod:`advdetect.report.pdf`
+lay out; :mod:`advdetect.report.figures` draws its figures.
+"""
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from advdetect.run.checks import plan_from_document, verdict  # noqa: E402
-from advdetect.run.history import trend  # noqa: E402
-from advdetect.run.records import ADAPTIVE, PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, RunInfo, cell_label, \
-    derive_seed, display_strength  # noqa: E402
-from advdetect.run.robustness import robust_accuracy, worst_case  # noqa: E402
+from advdetect.report.figures import Thumbnails, adaptive_png, comparison_png, roc_png, thumbnails_png
+from advdetect.report.html import write_html
+from advdetect.report.pdf import write_pdf
+from advdetect.run.checks import judge, plan_from_document
 from advdetect.run.folder import MANIFEST, bound, cell_fooled, cell_paths, read_adaptive, read_arrays, \
-    read_attack_records, read_detection, read_masking, read_run, read_scores, sample_arrays, update_run  # noqa: E402
-from advdetect.report.pdf import write_pdf  # noqa: E402
-from advdetect.run.storage import write_bytes, write_json  # noqa: E402
-
-#: User strings (suite names, attack ids, model specs) reach titles and labels: drawn as typed,
-#: never as matplotlib math text, where a pair of "$" would fail or change the text.
-LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
-
-DETECTOR_COLORS = plt.get_cmap("tab10").colors
+    read_attack_records, read_detection, read_masking, read_run, read_scores, sample_arrays, update_run
+from advdetect.run.history import trend
+from advdetect.run.records import ADAPTIVE, PROTOCOLS, RESULTS_SCHEMA, AttackRecord, OodRecord, ResultRow, Results, \
+    RunInfo, cell_label, derive_seed, display_strength
+from advdetect.run.robustness import robust_accuracy, worst_case
+from advdetect.run.storage import write_json
 
 
 @dataclass
@@ -41,10 +35,6 @@ class Cell:
     record: AttackRecord
     rows: list[ResultRow]
     scores: dict[str, np.ndarray]
-
-    @property
-    def label(self) -> str:
-        return cell_label(self.record.to_dict(), " = ")
 
     @property
     def anchor(self) -> str:
@@ -69,30 +59,19 @@ def load_cells(run_dir: Path) -> tuple[RunInfo, list[Cell]]:
 
 def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dict[str, Any]] | None = None,
                      adaptive: list[ResultRow] | None = None, masking: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``results.json``: what was audited, every cell's record, every result row (the adaptive
-    protocol's last), the per-input worst case of robust accuracy per threat model and strength, and
-    the verdict of the suite's thresholds."""
-    document = {
-        "schema": RESULTS_SCHEMA,
-        "clean_accuracy": info.clean_accuracy,
-        "model": info.model,
-        "data": info.data,
-        "suite": info.suite,
-        "seed": info.seed,
-        "device": info.device,
-        "fit_fraction": info.fit_fraction,
-        "fit_folds": info.fit_folds,
-        "versions": info.versions,
-        "started_at": info.started_at,
-        "timings": info.timings,
-        "detector_timings": info.detector_timings,
-        "attacks": [cell.record.to_dict() for cell in cells],
-        "results": [row.to_dict() for cell in cells for row in cell.rows] + [row.to_dict() for row in adaptive or []],
-        "adaptive_timings": info.adaptive_timings,
-        "robust_accuracy": robust_accuracy or [],
-        "gradient_masking": masking,
-    }
-    document["verdict"] = verdict(plan_from_document(info.suite.get("document", {}), info.suite["name"]), document)
+    """``results.json`` (declared by :class:`~advdetect.run.records.Results`): what was audited,
+    every cell's record, every result row (the adaptive protocol's last), the per-input worst case
+    of robust accuracy per threat model and strength, and the verdict of the suite's thresholds."""
+    document = Results(
+        schema=RESULTS_SCHEMA, clean_accuracy=info.clean_accuracy, model=info.model, data=info.data, suite=info.suite,
+        seed=info.seed, device=info.device, fit_fraction=info.fit_fraction, fit_folds=info.fit_folds,
+        versions=info.versions, started_at=info.started_at, timings=info.timings,
+        detector_timings=info.detector_timings, attacks=[cell.record for cell in cells],
+        results=[row for cell in cells for row in cell.rows] + list(adaptive or []),
+        adaptive_timings=info.adaptive_timings, robust_accuracy=robust_accuracy or [], gradient_masking=masking,
+        verdict=None).to_dict()
+    checks = plan_from_document(info.suite.get("document", {}), info.suite["name"])
+    document["verdict"] = judge(checks, document).record().to_dict() if checks else None
     return document
 
 
@@ -128,24 +107,6 @@ def key_findings(document: dict[str, Any]) -> dict[str, Any]:
 THUMBNAILS_PER_ATTACK = 4
 
 
-@dataclass
-class Thumbnails:
-    """A few seeded inputs of one cell: clean, adversarial and the perturbation amplified to the
-    full range, with the label and the model's class on the adversarial input."""
-
-    key: str
-    clean: np.ndarray
-    adversarial: np.ndarray
-    labels: np.ndarray
-    predictions: np.ndarray
-
-    @property
-    def amplified(self) -> tuple[np.ndarray, float]:
-        delta = self.adversarial - self.clean
-        gain = 0.5 / max(float(np.abs(delta).max()), 1e-12)
-        return 0.5 + gain * delta, gain
-
-
 def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell], sample: dict[str, np.ndarray]) -> dict[str, Thumbnails]:
     """Per attack, inputs of its strongest cell (fooled ones when there are any), seeded."""
     correct = np.flatnonzero(sample["pred"] == sample["y"])
@@ -167,92 +128,8 @@ def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell], sample: d
     return found
 
 
-def draw_thumbnails(axes: np.ndarray, thumbnails: Thumbnails) -> None:
-    """Three rows of axes (clean, adversarial, perturbation), one column per input."""
-    amplified, gain = thumbnails.amplified
-    for j in range(len(thumbnails.labels)):
-        label, prediction = int(thumbnails.labels[j]), int(thumbnails.predictions[j])
-        for row, (image, title, color) in enumerate((
-                (thumbnails.clean[j], f"clean: {label}", "0.2"),
-                (thumbnails.adversarial[j], f"adversarial: {prediction}", "#b00020" if prediction != label else "0.2"),
-                (amplified[j], f"perturbation x{gain:.0f}", "0.4"))):
-            ax = axes[row, j]
-            picture = image.transpose(1, 2, 0)
-            ax.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=6.5, color=color)
-            ax.set_xticks([])
-            ax.set_yticks([])
-
-
-def _color(detectors: list[str], name: str) -> tuple[float, float, float]:
-    return DETECTOR_COLORS[detectors.index(name) % len(DETECTOR_COLORS)]
-
-
-def draw_roc(ax: plt.Axes, cell: Cell, detectors: list[str], protocol: str = "seen") -> None:
-    """ROC curves of every detector on one cell, under one protocol."""
-    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance (0.500)")
-    reasons = []
-    rows = [r for r in cell.rows if r.protocol == protocol]
-    for row in rows:
-        clean = cell.scores.get(f"{protocol}__{row.detector}__clean")
-        adversarial = cell.scores.get(f"{protocol}__{row.detector}__adversarial")
-        if row.auroc is None or clean is None or adversarial is None:
-            reasons.append(row.reason or "not scored")
-            continue
-        fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
-        ax.plot(fpr, tpr, color=_color(detectors, row.detector), linewidth=1.8, label=f"{row.detector} ({row.auroc:.3f})")
-    if reasons and len(reasons) == len(rows):
-        ax.text(0.5, 0.55, "no ROC:\n" + _wrap(reasons[0], 38), ha="center", va="center", fontsize=7, color="0.3",
-                transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.8"})
-    asr = cell.record.attack_success_rate
-    ax.set_title(f"{cell.record.attack}  {cell.label} ({protocol})\nsuccess {_pct(asr)}, "
-                 f"test {rows[0].n_adv if rows else 0} adv. / {rows[0].n_clean if rows else 0} clean",
-                 fontsize=8)
-    ax.set_xlabel("false-positive rate (clean flagged)", fontsize=8)
-    ax.set_ylabel("true-positive rate (adversarial flagged)", fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_aspect("equal")
-    ax.tick_params(labelsize=7)
-    ax.legend(loc="lower right", fontsize=6, title="detector (AUROC)", title_fontsize=6)
-
-
-def draw_comparison(ax: plt.Axes, attack_cells: list[Cell], detectors: list[str]) -> None:
-    """AUROC of every detector (``seen`` protocol) against strength, with the attack success rate."""
-    strengths = [c.record.strength for c in attack_cells]
-    positions = np.arange(len(strengths))
-    for name in detectors:
-        values = [next((r.auroc for r in c.rows if r.detector == name and r.protocol == "seen"), None)
-                  for c in attack_cells]
-        ax.plot(positions, [np.nan if v is None else v for v in values], marker="o", color=_color(detectors, name), label=name)
-    ax.plot(positions, [np.nan if c.record.attack_success_rate is None else c.record.attack_success_rate for c in attack_cells],
-            marker="s", linestyle=":", color="0.35", label="attack success rate")
-    ax.axhline(0.5, linestyle="--", color="0.7", linewidth=1)
-    ax.set_xticks(positions, [c.record.label if isinstance(c.record, OodRecord) else display_strength(c.record.strength)
-                              for c in attack_cells])
-    ax.set_xlabel(attack_cells[0].record.strength_name, fontsize=8)
-    ax.set_ylabel("AUROC / success rate", fontsize=8)
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{attack_cells[0].record.attack}: detectors by strength (seen)", fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6, loc="best")
-
-
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
-
-
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _png(fig: plt.Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _by_attack(cells: list[Cell]) -> dict[str, list[Cell]]:
@@ -431,30 +308,10 @@ def adaptive_view(info: RunInfo, rows: list[ResultRow], scores: dict[str, np.nda
                         "-" if r.oblivious_auroc is None else f"{r.oblivious_auroc:.3f}",
                         "-" if r.auroc is None else f"{r.auroc:.3f}", str(r.detector_params.get("gradient", ""))]}
              for r in rows]
-    columns = 4
-    lines = -(-len(rows) // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(3.0 * columns, 2.9 * lines), squeeze=False)
-    for ax, row in zip(axes.flat, rows):
-        clean = scores[f"{row.detector}__clean"]
-        for name, key, style in (("oblivious", "oblivious", "--"), ("adaptive", "adversarial", "-")):
-            adversarial = scores[f"{row.detector}__{key}"]
-            if len(clean) and len(adversarial):
-                fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
-                ax.plot(fpr, tpr, style, label=name)
-        ax.axvline(0.05, color="#999999", lw=0.6)
-        ax.plot([0, 1], [0, 1], ":", color="#bbbbbb", lw=0.6)
-        ax.set_title(row.detector, fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=6, loc="lower right")
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.supxlabel("false-positive rate (clean inputs flagged)", fontsize=8)
-    fig.supylabel("true-positive rate", fontsize=8)
-    fig.tight_layout()
     collapsed = [t["detector"] for t in table if t["collapsed"]]
     return {"header": ["detector", "TPR@5%FPR oblivious", "TPR@5%FPR adaptive", "undetected success oblivious",
                        "undetected success adaptive", "AUROC oblivious", "AUROC adaptive", "gradient"],
-            "rows": table, "png": _png(fig), "collapsed": collapsed,
+            "rows": table, "png": adaptive_png(rows, scores), "collapsed": collapsed,
             "note": (f"{spec['method'].capitalize()} PGD ({spec['norm']}, eps {display_strength(spec['eps'])}, "
                      f"{spec['steps']} steps) against each detector with its threshold set to flag 5% of the clean "
                      f"calibration inputs, beside the suite's oblivious {spec['attack']} at the same budget on the same "
@@ -484,25 +341,18 @@ def report_sections(info: RunInfo, cells: list[Cell], thumbnails: dict[str, Thum
             if not _plotted(cell):
                 unplotted.append(f"{cell.record.key}: no ROC, {_unplotted_reason(cell)}")
                 continue
-            fig, ax = plt.subplots(figsize=(4.2, 4.4))
-            draw_roc(ax, cell, info.detectors)
             rows = [r for r in cell.rows if r.protocol == "seen"]
             unscored: dict[str, list[str]] = {}  # reason -> detectors, so a shared reason is said once
             for r in rows:
                 if r.auroc is None:
                     unscored.setdefault(r.reason or "not scored", []).append(r.detector)
-            figures.append({"anchor": cell.anchor, "alt": f"ROC curves, {cell.record.key}", "png": _png(fig),
+            figures.append({"anchor": cell.anchor, "alt": f"ROC curves, {cell.record.key}",
+                            "png": roc_png(cell.record, cell.rows, cell.scores, info.detectors),
                             "captions": [_caption(r) for r in rows if r.auroc is not None]
                             + [f"{', '.join(names)}: {reason}" for reason, names in unscored.items()]})
-        fig, ax = plt.subplots(figsize=(4.6, 4.4))
-        draw_comparison(ax, attack_cells, info.detectors)
-        comparison = _png(fig)
-        strip, strip_png = thumbnails.get(attack), None
-        if strip is not None:
-            fig, axes = plt.subplots(3, len(strip.labels), figsize=(1.25 * len(strip.labels), 4.0), squeeze=False)
-            draw_thumbnails(axes, strip)
-            fig.tight_layout()
-            strip_png = _png(fig)
+        comparison = comparison_png([(c.record, c.rows) for c in attack_cells], info.detectors)
+        strip = thumbnails.get(attack)
+        strip_png = None if strip is None else thumbnails_png(strip)
         record = attack_cells[0].record
         sections.append({"attack": attack, "figures": figures, "unplotted": unplotted, "comparison": comparison,
                          "params": " ".join(f"{k}={v}" for k, v in record.params.items() if k != record.strength_name),
@@ -537,11 +387,6 @@ def report_view(info: RunInfo, cells: list[Cell], document: dict[str, Any], tren
             "findings": finding_lines(document), "reading_note": READING_NOTE, "robust_note": ROBUST_NOTE}
 
 
-def write_html(path: Path, view: dict[str, Any]) -> None:
-    env = Environment(loader=PackageLoader("advdetect.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
-    write_bytes(path, env.get_template("report.html.j2").render(**view).encode())
-
-
 def write_report(run_dir: Path) -> dict[str, Any]:
     """Write ``report.pdf``, ``report.html`` and ``results.json``; returns the results document."""
     started = time.perf_counter()
@@ -552,9 +397,7 @@ def write_report(run_dir: Path) -> dict[str, Any]:
                                 read_masking(run_dir, info))
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
     thumbnails = attack_thumbnails(run_dir, info, cells, sample)
-    with matplotlib.rc_context(LITERAL_TEXT):
-        view = report_view(info, cells, document, run_trend, thumbnails,
-                           adaptive_view(info, adaptive_rows, adaptive_scores))
+    view = report_view(info, cells, document, run_trend, thumbnails, adaptive_view(info, adaptive_rows, adaptive_scores))
     write_pdf(run_dir / "report.pdf", view)
     write_html(run_dir / "report.html", view)
     info = update_run(run_dir, ("report", time.perf_counter() - started))

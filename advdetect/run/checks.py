@@ -15,14 +15,17 @@ reason, as pytest skips.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
 
-from advdetect.errors import UsageError
-from advdetect.run.records import ADAPTIVE, cell_key
+from advdetect.errors import ExitCode, UsageError
+from advdetect.run.records import ADAPTIVE, CheckRecord, Status, VerdictRecord, cell_key
 
-PASSED, FAILED, SKIPPED = "PASSED", "FAILED", "SKIPPED"
+PASSED: Status = "PASSED"
+FAILED: Status = "FAILED"
+SKIPPED: Status = "SKIPPED"
 PROTOCOL = "seen"
 #: Whose AUROC a threshold checks when the suite names no detector.
 DEFAULT_THRESHOLD_DETECTOR = "confounding_gradient"
@@ -48,7 +51,7 @@ class Check:
 @dataclass(frozen=True)
 class Outcome:
     check: Check
-    status: str
+    status: Status
     value: float | None
     message: str
 
@@ -97,15 +100,48 @@ def plan_from_document(document: dict[str, Any], suite_name: str) -> list[Check]
     return checks
 
 
-def verdict(checks: list[Check], results: dict[str, Any]) -> dict[str, Any] | None:
-    """The checks' outcomes on a results document, as ``results.json`` keeps them; None without checks."""
-    if not checks:
-        return None
-    outcomes = [evaluate(check, results) for check in checks]
-    return {"passed": sum(o.status == PASSED for o in outcomes), "failed": sum(o.status == FAILED for o in outcomes),
-            "skipped": sum(o.status == SKIPPED for o in outcomes),
-            "checks": [{"nodeid": o.check.nodeid, "status": o.status, "value": o.value, "message": o.message}
-                       for o in outcomes]}
+@dataclass(frozen=True)
+class Verdict:
+    """The suite's threshold checks on one audit: the one count of passes and failures, for
+    ``advdetect check`` (its lines, JSON, JUnit XML and exit code), the Python API, the report and
+    ``results.json`` alike."""
+
+    outcomes: tuple[Outcome, ...]
+
+    def count(self, status: Status) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def passed(self) -> bool:
+        """True when no check failed (skipped checks do not fail, as in pytest)."""
+        return not self.count(FAILED)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``{"passed": .., "failed": .., "skipped": ..}``, as ``results.json`` and the run's manifest keep them."""
+        return {"passed": self.count(PASSED), "failed": self.count(FAILED), "skipped": self.count(SKIPPED)}
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.passed else ExitCode.CHECK_FAILED
+
+    def record(self) -> VerdictRecord:
+        """The verdict as ``results.json`` keeps it."""
+        return VerdictRecord(**self.counts, checks=[CheckRecord(o.check.nodeid, o.status, o.value, o.message)
+                                                    for o in self.outcomes])
+
+    def closing_line(self, seconds: float) -> str:
+        """pytest's last line: ``3 passed, 1 failed, 2 skipped in 4.2s`` (no skipped count when none was)."""
+        skipped = f", {self.count(SKIPPED)} skipped" if self.count(SKIPPED) else ""
+        return f"{self.count(PASSED)} passed, {self.count(FAILED)} failed{skipped} in {seconds:.1f}s"
+
+    def __str__(self) -> str:
+        return str(self.record())
+
+
+def judge(checks: Sequence[Check], results: dict[str, Any]) -> Verdict:
+    """The checks' outcomes on a results document."""
+    return Verdict(tuple(evaluate(check, results) for check in checks))
 
 
 def evaluate(check: Check, results: dict[str, Any]) -> Outcome:
@@ -160,18 +196,12 @@ def outcome_dict(outcome: Outcome) -> dict[str, Any]:
             "threshold": check.threshold, "value": outcome.value, "message": outcome.message}
 
 
-def closing_line(outcomes: list[Outcome], seconds: float) -> str:
-    counts = {status: sum(o.status == status for o in outcomes) for status in (PASSED, FAILED, SKIPPED)}
-    skipped = f", {counts[SKIPPED]} skipped" if counts[SKIPPED] else ""
-    return f"{counts[PASSED]} passed, {counts[FAILED]} failed{skipped} in {seconds:.1f}s"
-
-
-def junit_xml(suite: str, outcomes: list[Outcome], seconds: float) -> bytes:
+def junit_xml(suite: str, verdict: Verdict, seconds: float) -> bytes:
     root = ElementTree.Element("testsuites")
-    testsuite = ElementTree.SubElement(root, "testsuite", name=suite, tests=str(len(outcomes)), time=f"{seconds:.3f}",
-                                       failures=str(sum(o.status == FAILED for o in outcomes)),
-                                       skipped=str(sum(o.status == SKIPPED for o in outcomes)), errors="0")
-    for outcome in outcomes:
+    testsuite = ElementTree.SubElement(root, "testsuite", name=suite, tests=str(len(verdict.outcomes)),
+                                       time=f"{seconds:.3f}", failures=str(verdict.count(FAILED)),
+                                       skipped=str(verdict.count(SKIPPED)), errors="0")
+    for outcome in verdict.outcomes:
         case = ElementTree.SubElement(testsuite, "testcase", classname=f"{suite}.{outcome.check.attack}",
                                       name=f"{outcome.check.cell_key}::{outcome.check.metric}", time="0")
         if outcome.status == FAILED:

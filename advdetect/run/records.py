@@ -4,13 +4,12 @@ refused with the field it lacks instead of failing later."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
-import types
-import typing
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Union
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 RESULTS_SCHEMA = 1
 #: Detection protocols, in the order results list them (see :mod:`advdetect.stages.detect`).
@@ -74,28 +73,6 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a type hint of the records (scalars, unions, lists and dicts of them)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint in (str, bool):
-        return isinstance(value, hint)
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-    raise TypeError(f"no check for type hint {hint!r}")
-
-
 @dataclass(frozen=True)
 class AttackCell:
     """One attack at one strength: the unit of attack work and of every result row."""
@@ -119,31 +96,60 @@ class AttackCell:
 
 
 class Record:
+    """A record of the run folder: a dataclass whose field declarations are its JSON form. Reading
+    one back is validated by pydantic from those declarations (:func:`validator`), so a new field is
+    one edit: its declaration, which also reaches the shipped JSON Schemas (:mod:`advdetect.run.schemas`)."""
+
+    #: pydantic's ``ConfigDict`` for the generated validator: JSON types as written (no ``"0.1"`` for
+    #: 0.1, no ``true`` for 1), finite numbers only; keys a record does not know are ignored
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"strict": True, "allow_inf_nan": False}
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        """Strict fields, but the record itself read from a JSON object (pydantic's strict mode
+        would want an instance of the dataclass)."""
+        schema = handler(source)
+        if schema["type"] == "dataclass":
+            schema["strict"] = False
+        return schema
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls, data: Any):  # type: ignore[no-untyped-def]
         """The record from its JSON form; ValueError naming the first field that is missing or of
-        the wrong type. Keys it does not know are ignored (written by a newer version)."""
+        the wrong type. Keys it does not know are ignored (written by a newer version). The values
+        are kept as read (an integral strength stays an int, so a file read and written back is
+        unchanged); records nested in a field (:class:`Results`' ``attacks``) stay JSON objects,
+        checked, for their own record's ``from_dict``."""
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.name not in data:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise ValueError(f"the field {f.name!r} is missing")
-                continue
-            if not _matches(data[f.name], hints[f.name]):
-                raise ValueError(f"the field {f.name!r} is {json_preview(data[f.name])}, not {_hint_text(hints[f.name])}")
-            values[f.name] = data[f.name]
-        record = cls(**values)
+        from pydantic import ValidationError
+
+        try:
+            validator(cls).validate_python(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]  # in field order, as the declarations list them
+            name = first["loc"][0]
+            if first["type"] == "missing":
+                raise ValueError(f"the field {name!r} is missing") from None
+            hint = typing.get_type_hints(cls)[name]
+            raise ValueError(f"the field {name!r} is {json_preview(data[name])}, not {_hint_text(hint)}") from None
+        record = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # type: ignore[arg-type]
         record.check()
         return record
 
     def check(self) -> None:
         """Raise ValueError when values contradict each other."""
+
+
+@functools.cache
+def validator(cls: type[Record]) -> Any:
+    """pydantic's ``TypeAdapter`` of a record class: its validator and its JSON Schema."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
 
 
 def json_preview(value: Any, limit: int = 40) -> str:
@@ -246,6 +252,10 @@ class AttackRecord(Record):
     robust_accuracy: float | None = None
     robust_accuracy_ci_low: float | None = None
     robust_accuracy_ci_high: float | None = None
+    #: the model passes, per input, that the cell made in this run beside its ``seconds`` (the attack's, none
+    #: on a cache hit, and the forward pass classifying its adversarial inputs); None where not counted
+    forward_passes: int | None = None
+    backward_passes: int | None = None
 
     @property
     def label(self) -> str:
@@ -333,3 +343,62 @@ class ResultRow(Record):
         if None not in (self.auroc, self.auroc_ci_low, self.auroc_ci_high) and not \
                 self.auroc_ci_low - 1e-9 <= self.auroc <= self.auroc_ci_high + 1e-9:  # type: ignore[operator]
             raise ValueError(f"the AUROC {self.auroc} lies outside its interval [{self.auroc_ci_low}, {self.auroc_ci_high}]")
+
+
+#: A threshold check's outcome (see :mod:`advdetect.run.checks`).
+Status = Literal["PASSED", "FAILED", "SKIPPED"]
+
+
+@dataclass
+class CheckRecord(Record):
+    """One threshold check's outcome as ``results.json`` keeps it."""
+
+    nodeid: str
+    status: Status
+    value: float | None
+    message: str
+
+
+@dataclass
+class VerdictRecord(Record):
+    """The suite's threshold checks on one audit as ``results.json`` keeps them: the counts, and
+    every check's outcome in suite order."""
+
+    passed: int
+    failed: int
+    skipped: int
+    checks: list[CheckRecord]
+
+    def __str__(self) -> str:
+        return f"{self.passed} passed, {self.failed} failed, {self.skipped} skipped"
+
+
+@dataclass
+class Results(Record):
+    """``results.json``, the report stage's record of a run: what was audited (from ``run.json``),
+    every cell's record, every result row (the adaptive protocol's last), robust accuracy's per-input
+    worst case per threat model and strength, the gradient-masking checks and the verdict of the
+    suite's thresholds (None when it sets none). Its JSON Schema ships as
+    ``advdetect/run/schemas/results.schema.json``."""
+
+    schema: int
+    clean_accuracy: float
+    model: dict[str, Any]
+    data: dict[str, Any]
+    suite: dict[str, Any]
+    seed: int
+    device: str
+    fit_fraction: float
+    fit_folds: int
+    versions: dict[str, str]
+    started_at: str
+    timings: dict[str, float]
+    detector_timings: dict[str, float]
+    attacks: list[AttackRecord]
+    results: list[ResultRow]
+    adaptive_timings: dict[str, float]
+    #: one bucket per threat model and strength (see :func:`advdetect.run.robustness.worst_case`)
+    robust_accuracy: list[dict[str, Any]]
+    #: the symptoms checked (see :mod:`advdetect.attacks.masking`); None when the checks did not run
+    gradient_masking: dict[str, Any] | None
+    verdict: VerdictRecord | None

@@ -194,12 +194,8 @@ CROP_RATIO = 0.875
 
 def folder_geometry(options: DataOptions) -> tuple[int | None, int | None]:
     """(shorter side to resize folder images to, side of their center crop); (None, None) keeps
-    them as they are."""
-    if options.crop is not None and options.crop < 1:
-        raise UsageError(f"--crop must be at least 1; got {options.crop}")
-    if options.image_size and options.crop is not None and options.crop > options.image_size:
-        raise UsageError(f"--crop {options.crop} is larger than --image-size {options.image_size}, the side images are "
-                         f"resized to before the crop; give a crop of at most the image size")
+    them as they are. The sizes were checked with the audit's options (a crop of at least 1 and
+    at most ``image_size``: :data:`advdetect.config.options.AUDIT_OPTIONS`)."""
     if options.crop is not None:
         return options.image_size or round(options.crop / CROP_RATIO), options.crop
     if options.image_size:

@@ -4,59 +4,56 @@ detector resolved against it. A :class:`UsageError` from here means nothing was 
 
 from __future__ import annotations
 
-import math
-import numbers
 import platform
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from advdetect.stages.attack import SeededRNG, resolved_params
 from advdetect.attacks import NOT_PROBED, get_attack
-from advdetect.sources.datasets import DataOptions, DataSample, load_data, sample_tensors
+from advdetect.config.options import MIN_REFERENCE, defaults, validate
+from advdetect.config.suite import Suite, load_suite
 from advdetect.detectors import DETECTORS, Detector, build_detector
 from advdetect.errors import UsageError, first_line
-from advdetect.signatures.inference import batched_logits, select_device
-from advdetect.sources.models import Dataset, LoadedModel, ModelOptions, ThreatModel, load_model, wrap_model
-from advdetect.run.records import RunInfo
 from advdetect.run.folder import sample_arrays
+from advdetect.run.records import AttackCell, RunInfo
 from advdetect.run.storage import user_cache_dir
-from advdetect.run.records import AttackCell
-from advdetect.config.suite import Suite, load_suite
+from advdetect.signatures.inference import batched_logits, select_device
+from advdetect.sources.datasets import DataOptions, DataSample, load_data, sample_tensors
+from advdetect.sources.models import Dataset, LoadedModel, ModelOptions, ThreatModel, load_model, wrap_model
+from advdetect.stages.attack import SeededRNG, resolved_params
 
-#: Fewest clean reference inputs an audit accepts (detectors fit class statistics on them).
-MIN_REFERENCE = 20
 
 @dataclass(frozen=True)
 class AuditOptions:
-    """What to audit and how. ``model`` is a spec or an ``nn.Module``; ``data`` a spec or a pair of
-    tensors (images in [0, 1], labels)."""
+    """What to audit and how, checked (see :func:`build_options`; the defaults and ranges are
+    :data:`~advdetect.config.options.AUDIT_OPTIONS`'). ``model`` is a spec or an ``nn.Module``;
+    ``data`` a spec or a pair of tensors (images in [0, 1], labels)."""
 
     suite: Suite
-    model: str | nn.Module = "default"
-    model_options: ModelOptions = ModelOptions()
-    data: str | tuple[torch.Tensor, torch.Tensor] = "default"
-    n: int | None = 256
-    image_size: int | None = None
+    model: str | nn.Module
+    model_options: ModelOptions
+    data: str | tuple[torch.Tensor, torch.Tensor]
+    n: int | None
+    image_size: int | None
     #: folder data: center crop side (see :class:`DataOptions`)
-    crop: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 128
-    fit_fraction: float = 0.2
+    crop: int | None
+    seed: int
+    device: str
+    batch_size: int
+    fit_fraction: float
     #: K >= 2: cross-fit the supervised detectors over K folds instead of one fit_fraction split
-    fit_folds: int = 0
+    fit_folds: int
     #: None: every registered detector, then the suite's variants
-    detectors: tuple[str, ...] | None = None
-    n_reference: int = 256
-    noisy_negatives: bool = False
-    cache_dir: Path | None = field(default_factory=lambda: default_cache_dir())  # None: no cache
+    detectors: tuple[str, ...] | None
+    n_reference: int
+    noisy_negatives: bool
+    cache_dir: Path | None  # None: no cache
 
     def detector_names(self) -> tuple[str, ...]:
         if self.detectors is not None:
@@ -76,47 +73,28 @@ def default_cache_dir() -> Path:
     return user_cache_dir() / "attacks"
 
 
-def build_options(suite: str | Suite = "default", *, attacks: Sequence[str] | None = None,
-                  model: str | nn.Module = "default", weights: str | None = None, dataset: str = "cifar10",
-                  threat_model: str = "Linf", model_dir: str = "./models", mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None, data: str | tuple[torch.Tensor, torch.Tensor] = "default",
-                  n: int | None = 256, image_size: int | None = None, crop: int | None = None, seed: int = 0,
-                  device: str = "auto", batch_size: int = 128, fit_fraction: float = 0.2, fit_folds: int = 0,
-                  detectors: Sequence[str] | None = None,
-                  n_reference: int = 256, noisy_negatives: bool = False, cache_dir: str | Path | None = None,
-                  cache: bool = True) -> AuditOptions:
-    """:class:`AuditOptions` from plain values, as the command line, the pytest plugin and the
-    Python API give them; bad values raise :class:`UsageError`."""
-    loaded_suite = suite if isinstance(suite, Suite) else load_suite(suite)
-    # one string is a comma-separated list, as on the command line (never a sequence of letters)
-    attacks = [a for a in attacks.split(",") if a] if isinstance(attacks, str) else attacks
-    detectors = [d for d in detectors.split(",") if d] if isinstance(detectors, str) else detectors
-    if attacks:
-        loaded_suite = loaded_suite.select(list(attacks))
-    for name, values in (("--mean", mean), ("--std", std)):
-        if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise UsageError(f"{name} must be finite numbers; got {list(values)}")
-    try:
-        model_options = ModelOptions(weights=weights, dataset=Dataset(dataset), threat_model=ThreatModel(threat_model),
-                                     model_dir=model_dir, mean=None if mean is None else tuple(mean),
-                                     std=None if std is None else tuple(std))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    n, image_size, crop, seed, batch_size, fit_fraction, fit_folds, n_reference = (
-        plain_number(v) for v in (n, image_size, crop, seed, batch_size, fit_fraction, fit_folds, n_reference))
-    return AuditOptions(suite=loaded_suite, model=model, model_options=model_options, data=data, n=n,
-                        image_size=image_size, crop=crop, seed=seed, device=device, batch_size=batch_size,
-                        fit_fraction=fit_fraction, fit_folds=fit_folds, detectors=None if detectors is None else tuple(detectors),
-                        n_reference=n_reference, noisy_negatives=noisy_negatives,
-                        cache_dir=None if not cache else Path(cache_dir) if cache_dir else default_cache_dir())
-
-
-def plain_number(value: object) -> object:
-    """A NumPy (or other) whole number as an ``int``, a real one as a ``float``, so that the run's
-    JSON can hold it; anything else as it is, for :func:`check_number_types` to refuse."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return value
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
+def build_options(suite: str | Suite | None = None, **given: Any) -> AuditOptions:
+    """:class:`AuditOptions` from the options' plain values, as the command line, the pytest plugin
+    and the Python API give them (by the names of :data:`~advdetect.config.options.AUDIT_OPTIONS`;
+    each left out takes its declared default), checked by their declarations before anything is
+    loaded: a bad value raises :class:`UsageError`. ``out`` is checked too, though the run folder
+    is :func:`~advdetect.stages.pipeline.run_audit`'s to make."""
+    given = {**defaults(), **given, **({} if suite is None else {"suite": suite})}
+    values = validate(given)
+    loaded_suite = values["suite"] if isinstance(values["suite"], Suite) else load_suite(values["suite"])
+    if values["attacks"]:
+        loaded_suite = loaded_suite.select(values["attacks"])
+    model_options = ModelOptions(weights=values["weights"], dataset=Dataset(values["dataset"]),
+                                 threat_model=ThreatModel(values["threat_model"]), model_dir=values["model_dir"],
+                                 mean=values["mean"], std=values["std"])
+    detectors = values["detectors"]
+    cache_dir = values["cache_dir"] or default_cache_dir() if values["cache"] else None
+    return AuditOptions(suite=loaded_suite, model=values["model"], model_options=model_options, data=values["data"],
+                        n=values["n"], image_size=values["image_size"], crop=values["crop"], seed=values["seed"],
+                        device=values["device"], batch_size=values["batch_size"], fit_fraction=values["fit_fraction"],
+                        fit_folds=values["fit_folds"], detectors=None if detectors is None else tuple(detectors),
+                        n_reference=values["n_reference"], noisy_negatives=values["noisy_negatives"],
+                        cache_dir=cache_dir)
 
 
 def package_versions() -> dict[str, str]:
@@ -181,31 +159,6 @@ def check_compatible(model: nn.Module, sample: DataSample, device: torch.device,
     return logits
 
 
-#: The audit's numeric options, as their flags name them, and whether they take whole numbers
-#: (:func:`advdetect.config.options.positive_int`, :func:`~advdetect.config.options.seed`) or any number
-#: (:func:`~advdetect.config.options.fraction`); the Python API gives them unparsed.
-NUMBERS = {"n": ("--n", True), "n_reference": ("--n-reference", True), "batch_size": ("--batch-size", True),
-           "seed": ("--seed", True), "image_size": ("--image-size", True), "crop": ("--crop", True),
-           "fit_fraction": ("--fit-fraction", False), "fit_folds": ("--fit-folds", True)}
-
-
-def check_number_types(options: AuditOptions) -> None:
-    """The numeric options are numbers of the kind their flags take (None where an option may be
-    left out): a string, a bool or a fraction of an input count would fail mid-audit, or worse be
-    read as another value."""
-    for name, (flag, whole) in NUMBERS.items():
-        value = getattr(options, name)
-        if value is None and name in ("n", "image_size", "crop"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
-            raise UsageError(f"{flag} must be {'a whole number' if whole else 'a number'}; got {value!r}")
-
-
-def check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**32:
-        raise UsageError(f"--seed must be a whole number from 0 to {2**32 - 1}; got {seed}")
-
-
 def check_device(requested: str) -> torch.device:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", requested):
         raise UsageError(f"--device {requested!r} is not one advdetect runs on; use auto, cpu, cuda or cuda:N")
@@ -230,42 +183,13 @@ class Prepared:
 
 def prepare(options: AuditOptions) -> Prepared:
     """Load and check everything an audit needs, the suite's attacks and detectors tried on the
-    model included; raises :class:`UsageError` before any work."""
-    check_number_types(options)
-    if options.n_reference < MIN_REFERENCE:
-        raise UsageError(f"--n-reference must be at least {MIN_REFERENCE}; got {options.n_reference}")
-    if not 0.0 < options.fit_fraction < 1.0:
-        raise UsageError(f"--fit-fraction must lie strictly between 0 and 1; got {options.fit_fraction}")
-    if options.fit_folds < 0 or options.fit_folds == 1:
-        raise UsageError(f"--fit-folds must be 0 (off) or at least 2; got {options.fit_folds}")
-    if options.n is not None and options.fit_folds > options.n:
-        raise UsageError(f"--fit-folds {options.fit_folds} is more folds than the {options.n} audited inputs; "
-                         f"use at most --n folds (5 or 10 is usual)")
-    if options.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1; got {options.batch_size}")
-    check_seed(options.seed)
-    variants = options.suite.detectors
-    detectors = [build_detector(name, variants) for name in options.detector_names()]
+    model included; raises :class:`UsageError` before any work. The options' own values were
+    checked by :func:`build_options`; what is checked here needs the model, the data or the device."""
+    names = options.detector_names()
+    detectors = [build_detector(name, options.suite.detectors) for name in names]
     check_adaptive(options, detectors)
     device = check_device(options.device)
-    if options.n is not None and options.n < 1:
-        raise UsageError(f"--n must be at least 1; got {options.n}")
-    if options.crop is not None and options.crop < 1:
-        raise UsageError(f"--crop must be at least 1; got {options.crop}")
-    if options.image_size is not None and options.image_size < 1:
-        raise UsageError(f"--image-size must be at least 1; got {options.image_size}")
-    if isinstance(options.model, str):
-        loaded = load_model(options.model, options.model_options)
-    else:
-        loaded = wrap_model(options.model, options.model_options)
-    data_options = DataOptions(n=options.n, seed=options.seed, image_size=options.image_size, crop=options.crop,
-                               channels=loaded.info["input_channels"], n_reference=options.n_reference)
-    if isinstance(options.data, str):
-        sample = load_data(options.data, data_options)
-    elif isinstance(options.data, tuple) and len(options.data) == 2:
-        sample = sample_tensors(*options.data, options=data_options)
-    else:
-        raise UsageError(f"data must be a spec or a pair of tensors (images, labels); got {type(options.data).__name__}")
+    loaded, sample = load_inputs(options)
     loaded.module.to(device).eval()
     logits = check_compatible(loaded.module, sample, device, options.batch_size)
     if sample.info["n_reference"] < MIN_REFERENCE:
@@ -273,13 +197,12 @@ def prepare(options: AuditOptions) -> Prepared:
                          f"audited ones only {sample.info['n_reference']} remain for the clean reference set, and "
                          f"detectors need at least {MIN_REFERENCE}; lower --n")
     loaded.info["num_classes"] = int(logits.shape[1])
-    for name, detector in zip(options.detector_names(), detectors):
+    for name, detector in zip(names, detectors):
         try:
             detector.check_model(loaded.module)
         except ValueError as exc:
             raise UsageError(f"detector {name}: {exc}") from None
-    check_memory(loaded.module, sample.x[:1], dict(zip(options.detector_names(), detectors)), options.batch_size,
-                 device)
+    check_memory(loaded.module, sample.x[:1], dict(zip(names, detectors)), options.batch_size, device)
     correct = logits.argmax(dim=1) == sample.y
     if not correct.any():
         raise UsageError(f"the model classifies none of the {len(sample.y)} audited inputs correctly, and attacks and "
@@ -289,6 +212,21 @@ def prepare(options: AuditOptions) -> Prepared:
     probe_attacks(loaded.module, options.suite.cells(), sample.x[correct][:1], sample.y[correct][:1],
                   num_classes=loaded.info["num_classes"], seed=options.seed)
     return Prepared(loaded, sample, device, logits)
+
+
+def load_inputs(options: AuditOptions) -> tuple[LoadedModel, DataSample]:
+    """The model, and the audited and reference inputs sampled from the data in the model's channels."""
+    if isinstance(options.model, str):
+        loaded = load_model(options.model, options.model_options)
+    else:
+        loaded = wrap_model(options.model, options.model_options)
+    data_options = DataOptions(n=options.n, seed=options.seed, image_size=options.image_size, crop=options.crop,
+                               channels=loaded.info["input_channels"], n_reference=options.n_reference)
+    if isinstance(options.data, str):
+        return loaded, load_data(options.data, data_options)
+    if isinstance(options.data, tuple) and len(options.data) == 2:
+        return loaded, sample_tensors(*options.data, options=data_options)
+    raise UsageError(f"data must be a spec or a pair of tensors (images, labels); got {type(options.data).__name__}")
 
 
 def available_memory(device: torch.device) -> int | None:
