@@ -24,4 +24,5 @@ def results_without_timings(run_dir: Path) -> dict:
         results["gradient_masking"].pop("seconds")
     for attack in results["attacks"]:
         attack.pop("seconds")
+        attack.pop("forward_passes"), attack.pop("backward_passes")  # costs, like seconds: none on a cache hit
     return results

@@ -38,6 +38,13 @@ class AutoAttack(torchattacks.attack.Attack):
     ``pyautoattack.AutoAttack(...).run_standard_evaluation``, so the robust accuracy is the reference's
     (``tests/test_autoattack.py`` checks it against a run of pyautoattack itself).
 
+    The reference already spends no pass on an input once it is fooled: ``run_standard_evaluation`` hands
+    each attack after the first only the inputs still robust (``robust_lin_idcs =
+    torch.nonzero(robust_flags)``, pyautoattack 0.2.0 ``autoattack.py``), and within APGD and Square the
+    restarts and queries go to the inputs not yet fooled (``ind_to_fool``, ``idx_to_fool``);
+    ``tests/test_early_exit.py`` checks the first. Within one APGD run every input takes every iteration,
+    as the algorithm has it (its best point keeps moving after the first success).
+
     Where it departs from calling the reference by hand:
 
     - ``seed`` None means seed 0: the reference seeds torch's global generator with ``seed`` at the start of

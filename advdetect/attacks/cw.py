@@ -21,7 +21,9 @@ class CW(torchattacks.CW):
     This class runs torchattacks' search unchanged (same optimizer, steps, loss and early stop) and keeps
     iterates by that criterion, :meth:`is_adversarial`, kept apart from the search. At ``kappa = 0`` the
     criterion is torchattacks' own, and ``tests/test_cw.py`` checks that the images are the same. An input
-    the search never takes past the margin comes back unchanged, so it counts as not fooled.
+    the search never takes past the margin comes back unchanged, so it counts as not fooled. Each step
+    takes the gradient to the attacked inputs only, where torchattacks' ``cost.backward()`` also computes
+    the model weights' gradients and leaves them in their ``.grad``: the same steps, for less work.
 
     Arguments:
         model (nn.Module): model to attack.
@@ -33,11 +35,20 @@ class CW(torchattacks.CW):
             total cost rose since the last check, a tenth of the steps before. ``false`` runs every
             step, so the smallest adversarial example found can keep shrinking toward the margin.
             (Default: True)
+        per_input (bool): with ``abort_early``, stop each input's search on its own cost instead of the
+            batch's: an input leaves the batch (and the model makes no more passes for it) at the first
+            check that finds its own cost risen; the others go on. Each input then comes back as if it
+            had been attacked alone (a batch of one, where torchattacks' early stop is per input), so its
+            result no longer depends on which inputs share its batch, and no input runs on after its own
+            search has settled. Off by default, since it changes the images torchattacks' batch-level stop
+            gives: an input can stop earlier than its batch would, or search on after the batch would have
+            stopped. (Default: False)
     """
 
-    def __init__(self, model, c=1, kappa=0, steps=50, lr=0.01, abort_early=True):
+    def __init__(self, model, c=1, kappa=0, steps=50, lr=0.01, abort_early=True, per_input=False):
         super().__init__(model, c=c, kappa=kappa, steps=steps, lr=lr)
         self.abort_early = abort_early
+        self.per_input = per_input
 
     def is_adversarial(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Whether each input's logits are adversarial for ``labels`` (the targets, in targeted mode)
@@ -64,29 +75,44 @@ class CW(torchattacks.CW):
         MSELoss = nn.MSELoss(reduction="none")
         Flatten = nn.Flatten()
         optimizer = torch.optim.Adam([w], lr=self.lr)
+        # the inputs still searched, and with per_input the cost of each at its last check. Adam's update is
+        # elementwise and its step count shared, so an input's w moves the same whatever else is in the batch;
+        # the rows of the inputs that left get a zero gradient and are no longer read.
+        active = torch.arange(len(images), device=self.device)
+        prev_costs = torch.full((len(images),), 1e10, dtype=torch.float64, device=self.device)  # as cost.item()
+        check_every = max(self.steps // 10, 1)
 
         for step in range(self.steps):
-            adv_images = self.tanh_space(w)
-            current_L2 = MSELoss(Flatten(adv_images), Flatten(images)).sum(dim=1)
+            adv_images = self.tanh_space(w[active])
+            current_L2 = MSELoss(Flatten(adv_images), Flatten(images[active])).sum(dim=1)
             L2_loss = current_L2.sum()
             outputs = self.get_logits(adv_images)
-            f_loss = self.f(outputs, goal).sum()
-            cost = L2_loss + self.c * f_loss
+            f = self.f(outputs, goal[active])
+            cost = L2_loss + self.c * f.sum()
 
-            optimizer.zero_grad()
-            cost.backward()
+            # the gradient to w only: torchattacks' cost.backward() also computes (and leaves behind) the
+            # gradients of the model's weights, a second backward pass's worth of work that no step reads
+            (w.grad,) = torch.autograd.grad(cost, [w])
             optimizer.step()
 
             # keep the smallest-L2 iterate of each input that is adversarial with confidence kappa
-            mask = self.is_adversarial(outputs.detach(), goal) * (best_L2 > current_L2.detach())
-            best_L2 = mask * current_L2.detach() + (1 - mask) * best_L2
+            mask = self.is_adversarial(outputs.detach(), goal[active]) * (best_L2[active] > current_L2.detach())
+            best_L2[active] = mask * current_L2.detach() + (1 - mask) * best_L2[active]
             mask = mask.view([-1] + [1] * (dim - 1))
-            best_adv_images = mask * adv_images.detach() + (1 - mask) * best_adv_images
+            best_adv_images[active] = mask * adv_images.detach() + (1 - mask) * best_adv_images[active]
 
-            # torchattacks' early stop: the batch's cost rose since the last check, a tenth of the steps before
-            if self.abort_early and step % max(self.steps // 10, 1) == 0:
+            if not self.abort_early or step % check_every:
+                continue
+            if self.per_input:  # each input's own cost rose since its last check, a tenth of the steps before
+                costs = (current_L2 + self.c * f).detach().double()
+                rose = costs > prev_costs[active]
+                prev_costs[active] = costs
+                active = active[~rose]
+                if not len(active):
+                    break
+            else:  # torchattacks' early stop: the batch's cost rose since the last check
                 if cost.item() > prev_cost:
-                    return best_adv_images
+                    break
                 prev_cost = cost.item()
 
         return best_adv_images

@@ -4,6 +4,12 @@ how that cost grows with the number of audited inputs.
 The same audit runs at each ``--n`` of ``sizes`` (without the attack cache, so every attack is
 timed) into a temporary folder; the report gives each stage's and detector's seconds per size,
 and the exponent ``b`` of ``seconds ~ n^b`` between the smallest and the largest size (1: linear).
+
+Each attack cell also gets its floor: the model passes it made (counted, see
+:mod:`advdetect.signatures.passes`) times the cost of one pass per input, measured right after the
+audit in the same process, on the same device, at the audit's batch size. Its floor ratio,
+``seconds / floor``, is 1 for a cell that does nothing but its passes at full batches; what lies
+above 1 is the attack's own work, smaller batches and the stage's bookkeeping.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from advdetect.signatures.passes import PassCost, measure_pass_cost
 from advdetect.stages.pipeline import run_audit
 from advdetect.stages.preflight import AuditOptions, prepare
 
@@ -22,8 +29,7 @@ def measure(options: AuditOptions, sizes: Sequence[int]) -> dict[str, Any]:
     """Run the audit of ``options`` once per size of ``sizes``; seconds per stage, detector and attack.
     Every size is checked before the first audit runs, so a size the data cannot give is refused
     before any work."""
-    for n in sizes:
-        prepare(dataclasses.replace(options, n=n, cache_dir=None))
+    prepared = {n: prepare(dataclasses.replace(options, n=n, cache_dir=None)) for n in sizes}
     runs = []
     with tempfile.TemporaryDirectory(prefix="advdetect-bench-") as scratch:
         for n in sizes:
@@ -32,11 +38,25 @@ def measure(options: AuditOptions, sizes: Sequence[int]) -> dict[str, Any]:
             attacks: dict[str, float] = {}
             for record in document["attacks"]:
                 attacks[record["attack"]] = attacks.get(record["attack"], 0.0) + record["seconds"]
+            cost = measure_pass_cost(prepared[n].loaded.module, prepared[n].sample.x[: options.batch_size])
             runs.append({"n": n, "attacked": document["attacks"][0]["n_attacked"] if document["attacks"] else 0,
                          "stages": document["timings"], "detectors": document.get("detector_timings", {}),
-                         "attacks": {k: round(v, 3) for k, v in attacks.items()}})
+                         "attacks": {k: round(v, 3) for k, v in attacks.items()},
+                         "pass_cost": cost.to_dict(), "cells": cell_floors(document["attacks"], cost)})
     return {"suite": options.suite.name, "model": options.model_label, "data": options.data_label,
             "sizes": list(sizes), "runs": runs, "growth": growth(runs)}
+
+
+def cell_floors(records: list[dict[str, Any]], cost: PassCost) -> dict[str, dict[str, Any]]:
+    """Per attack cell of ``results.json``: its seconds, the passes it made, its floor (those passes at
+    ``cost``) and its floor ratio, seconds / floor (None where no pass was counted)."""
+    cells = {}
+    for record in records:
+        forward, backward = record.get("forward_passes"), record.get("backward_passes")
+        floor = cost.floor(forward, backward) if forward is not None and backward is not None else None
+        cells[record["key"]] = {"seconds": record["seconds"], "forward_passes": forward, "backward_passes": backward,
+                                "floor_seconds": floor, "floor_ratio": record["seconds"] / floor if floor else None}
+    return cells
 
 
 def growth(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -62,8 +82,29 @@ def format_report(report: dict[str, Any]) -> str:
             b = report["growth"][part].get(name)
             rows.append([f"{label} {name}", *[f"{run[part].get(name, 0.0):.1f}" for run in report["runs"]],
                          "-" if b is None else f"{b:.2f}"])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"audit cost of suite {report['suite']} on {report['model']} / {report['data']}; n = audited inputs, "
              f"b = exponent of seconds ~ n^b from n={sizes[0]} to n={sizes[-1]} (1 is linear)"]
-    lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
+    lines += _table([header, *rows])
+    return "\n".join([*lines, "", *format_floors(report["runs"][-1])])
+
+
+def format_floors(run: dict[str, Any]) -> list[str]:
+    """The attack cells of one run against their floor: passes, seconds, floor seconds and floor ratio."""
+    cost = run["pass_cost"]
+    lines = [(f"attack cells at n={run['n']} against their floor: the passes counted (per input) times the cost "
+              f"of one pass per input, measured after the audit at batch {cost['batch_size']}: forward "
+              f"{cost['forward'] * 1e3:.3f} ms, forward+backward {cost['forward_backward'] * 1e3:.3f} ms")]
+    header = ["cell", "forward", "backward", "seconds", "floor (s)", "floor ratio"]
+    rows = [[key, _count(cell["forward_passes"]), _count(cell["backward_passes"]), f"{cell['seconds']:.2f}",
+             "-" if cell["floor_seconds"] is None else f"{cell['floor_seconds']:.2f}",
+             "-" if cell["floor_ratio"] is None else f"{cell['floor_ratio']:.2f}"] for key, cell in run["cells"].items()]
+    return lines + _table([header, *rows])
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]

@@ -17,6 +17,7 @@ from advdetect.attacks.cache import AttackCache, tensor_sha256
 from advdetect.stages.distributed import current_world
 from advdetect.errors import UsageError
 from advdetect.signatures.inference import batched_logits
+from advdetect.signatures.passes import PassCounter
 from advdetect.attacks.masking import masking_symptoms, suspected
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.run.records import AttackRecord, derive_seed
@@ -114,17 +115,21 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
         # rank 0's cache decides for every rank, so that all of them attack, or none
         adversarial = world.from_main(cache.load(key, x, budget=cache.budget(cell.attack_name, params))
                                       if cache and world.is_main else None)
-        if adversarial is None:
-            adversarial, params = attack_cell(model, cell, x, y, num_classes=info.model["num_classes"],
-                                              seed=seed, batch_size=info.batch_size)
-            if cache and world.is_main:
-                cache.store(key, adversarial)
-        else:
-            hits += 1
-        pred = adversarial_predictions(model, cell, adversarial, info.batch_size, info.model["num_classes"])
+        with PassCounter(model) as attack_passes:  # each rank counts the chunks it attacks
+            if adversarial is None:
+                adversarial, params = attack_cell(model, cell, x, y, num_classes=info.model["num_classes"],
+                                                  seed=seed, batch_size=info.batch_size)
+                if cache and world.is_main:
+                    cache.store(key, adversarial)
+            else:
+                hits += 1
+        forward, backward = summed_over_ranks(attack_passes.forward, attack_passes.backward)
+        with PassCounter(model) as predict_passes:  # every rank classifies every input: counted once
+            pred = adversarial_predictions(model, cell, adversarial, info.batch_size, info.model["num_classes"])
         fooled = (pred != y).numpy()
         record = cell_record(cell, params, seed, x, adversarial, fooled, round(time.perf_counter() - cell_started, 3),
-                             n_total=len(sample["y"]))
+                             n_total=len(sample["y"]), forward_passes=forward + predict_passes.forward,
+                             backward_passes=backward + predict_passes.backward)
         record_path, arrays_path = cell_paths(run_dir, cell.slug)
         save_arrays(arrays_path, source_index=correct, x_adv=adversarial.numpy(), pred=pred.numpy(), fooled=fooled)
         write_json(record_path, record.to_dict())
@@ -137,6 +142,14 @@ def attack_stage(run_dir: Path, model: nn.Module, cells: list[AttackCell],
     if cache:
         log.info("%d of %d attack cells came from the cache in %s", hits, len(cells), cache.root)
     return records
+
+
+def summed_over_ranks(*counts: int) -> tuple[int, ...]:
+    """``counts`` summed over the audit's processes (each counts the chunks it computed): the same numbers
+    for any number of processes. A collective call: every rank makes it."""
+    world = current_world()
+    gathered = world.map_chunks(world.size, 1, lambda index, rows: np.array([counts], dtype=np.int64))
+    return tuple(int(total) for total in gathered.sum(axis=0))
 
 
 #: Correctly classified inputs the gradient-masking checks run on, and their budget when the suite
@@ -174,9 +187,10 @@ def adversarial_predictions(model: nn.Module, cell: AttackCell, adversarial: tor
 
 
 def cell_record(cell: AttackCell, params: dict, seed: int, x: torch.Tensor, adversarial: torch.Tensor,
-                fooled: np.ndarray, seconds: float, *, n_total: int) -> AttackRecord:
+                fooled: np.ndarray, seconds: float, *, n_total: int, forward_passes: int | None = None,
+                backward_passes: int | None = None) -> AttackRecord:
     """What one cell's attack did: success rate, robust accuracy over all ``n_total`` audited inputs,
-    and the size of its successful perturbations."""
+    and the size of its successful perturbations; what it cost: ``seconds`` and the model passes made."""
     robust, low, high = robust_accuracy(n_total, len(x), int(fooled.sum()))
     delta = (adversarial - x).flatten(1)[torch.from_numpy(fooled)]
     linf, l2 = delta.abs().amax(dim=1).double(), delta.norm(dim=1).double()
@@ -190,4 +204,5 @@ def cell_record(cell: AttackCell, params: dict, seed: int, x: torch.Tensor, adve
         n_attacked=len(x), n_fooled=int(fooled.sum()), attack_success_rate=float(fooled.mean()) if len(x) else None,
         mean_linf=stat(linf, "mean"), max_linf=stat(linf, "max"), mean_l2=stat(l2, "mean"), max_l2=stat(l2, "max"),
         seconds=seconds, robust_accuracy=robust, robust_accuracy_ci_low=low, robust_accuracy_ci_high=high,
+        forward_passes=forward_passes, backward_passes=backward_passes,
     )
