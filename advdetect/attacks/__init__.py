@@ -38,6 +38,18 @@ class AttackEntry:
         params = list(inspect.signature(self.factory).parameters.values())[1:]  # drop the model
         return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
+    @property
+    def real_valued(self) -> frozenset[str]:
+        """Keywords whose default is a whole number but that take any number: the attack class's
+        own ``real_valued``, else the table for torchattacks' classes, which cannot declare it."""
+        return getattr(self.factory, "real_valued", TORCHATTACKS_REAL_VALUED)
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        """Iteration budgets and the least value of each, which the trial run cuts them to: the
+        attack class's own ``budgets``, else the table for torchattacks' classes."""
+        return getattr(self.factory, "budgets", TORCHATTACKS_BUDGETS)
+
     def check_value(self, keyword: str, value: Any) -> None:
         """Raise ValueError when ``value`` cannot be the ``keyword`` argument, judged by the type of
         its default (torchattacks checks almost nothing, and fails deep in an attack instead)."""
@@ -47,7 +59,7 @@ class AttackEntry:
             raise ValueError(f"{keyword} must be a finite number; got {value}")
         if isinstance(default, bool):
             wanted = "true or false" if not isinstance(value, bool) else None
-        elif (isinstance(default, int) and keyword not in REAL_VALUED) or (default is None and keyword == "seed"):
+        elif (isinstance(default, int) and keyword not in self.real_valued) or (default is None and keyword == "seed"):
             wanted = "a whole number" if not (number and isinstance(value, int)) else None
         elif isinstance(default, (int, float)):
             wanted = "a number" if not number else None
@@ -59,7 +71,7 @@ class AttackEntry:
             wanted = f"a {type(default).__name__}, which a suite cannot give"
         if wanted:
             raise ValueError(f"{keyword} must be {wanted}; got {value!r}")
-        least = 1 if keyword in PROBE_BUDGET else 0  # the trial run cuts budgets to 1: check them here
+        least = 1 if keyword in self.budgets else 0  # the trial run cuts budgets to 1: check them here
         if number and value < least:
             raise ValueError(f"{keyword} must be at least {least}; got {value!r}")
 
@@ -68,13 +80,15 @@ class AttackEntry:
 
     def probe_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` with every iteration budget cut to its least, for a quick trial run."""
-        return {**params, **{k: v for k, v in PROBE_BUDGET.items() if k in self.keywords}}
+        return {**params, **{k: v for k, v in self.budgets.items() if k in self.keywords}}
 
 
-#: Keywords whose torchattacks default is a whole number but that take any number.
-REAL_VALUED = frozenset({"c", "kappa", "lam", "scale", "nsig"})
-#: Iteration budgets of the trial run that checks each attack cell before an audit.
-PROBE_BUDGET = {"steps": 1, "max_iterations": 1, "max_iter": 1, "n_queries": 2, "nb_iter": 1, "num_iter_set": 1,
+#: torchattacks' keywords whose default is a whole number but that take any number (an attack class
+#: of our own declares ``real_valued`` instead).
+TORCHATTACKS_REAL_VALUED = frozenset({"c", "kappa", "lam", "scale", "nsig"})
+#: torchattacks' iteration budgets, cut to these values by the trial run that checks each attack cell
+#: before an audit (an attack class of our own declares ``budgets`` instead).
+TORCHATTACKS_BUDGETS = {"steps": 1, "max_iterations": 1, "max_iter": 1, "n_queries": 2, "nb_iter": 1, "num_iter_set": 1,
                 "restarts": 1, "binary_search_steps": 1, "n_restarts": 1, "eot_iter": 1, "popsize": 2, "nb_sample": 2,
                 "noise_batch_size": 1}
 #: Attacks the trial run builds but does not run, their budget being too long to run even once. An attack whose

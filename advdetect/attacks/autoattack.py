@@ -76,6 +76,8 @@ class AutoAttack(torchattacks.attack.Attack):
         - output: :math:`(N, C, H, W)`.
     """
 
+    budgets: dict[str, int] = {}  # four attacks of fixed length: the trial run calls cut_budget() instead
+
     def __init__(self, model, norm="Linf", eps=8 / 255, version="standard", n_classes=10, seed=None,
                  verbose=False, attacks=None):
         super().__init__("AutoAttack", model)

@@ -45,6 +45,9 @@ class CW(torchattacks.CW):
             stopped. (Default: False)
     """
 
+    real_valued = frozenset({"c", "kappa"})
+    budgets = {"steps": 1}
+
     def __init__(self, model, c=1, kappa=0, steps=50, lr=0.01, abort_early=True, per_input=False):
         super().__init__(model, c=c, kappa=kappa, steps=steps, lr=lr)
         self.abort_early = abort_early

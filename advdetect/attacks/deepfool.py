@@ -40,6 +40,8 @@ class DeepFool(torchattacks.attack.Attack):
         - output: :math:`(N, C, H, W)`.
     """
 
+    budgets = {"steps": 1}
+
     def __init__(self, model, steps=50, overshoot=0.02):
         super().__init__("DeepFool", model)
         self.steps = steps

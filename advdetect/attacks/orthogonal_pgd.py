@@ -46,6 +46,9 @@ class OrthogonalPGD(Attack):
     classifier gradient with that component removed is almost nothing.
     """
 
+    real_valued = frozenset({"lam"})
+    budgets = {"steps": 1}
+
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  norm: str = "Linf", random_start: bool = True, method: str = "orthogonal", lam: float = 1.0,
                  margin: float = 0.05, score: DetectorScore | None = None, threshold: float | None = None) -> None:

@@ -10,7 +10,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Iterable, TypeVar
 
-from advdetect.detectors.base import Detector, SignatureFunction
+from advdetect.detectors.base import COUNT, POSITIVE, Bounds, Detector, SignatureFunction
 from advdetect.errors import UsageError
 
 DETECTORS: dict[str, type[Detector]] = {}
@@ -31,13 +31,10 @@ def get_detector(name: str) -> type[Detector]:
         raise UsageError(f"unknown detector {name!r}; valid detectors: {', '.join(sorted(DETECTORS))}") from None
 
 
-#: Hyperparameters that may be 0 (all other numbers must be positive).
-ZERO_ALLOWED = frozenset({"noises", "epsilons", "seed", "dropout", "boundary_steps", "iterative_epsilons"})
-
-
 def check_params(cls: type[Detector], params: dict[str, object]) -> None:
-    """Raise ValueError unless every value fits the type of the hyperparameter's default: whole
-    numbers for counts (``cv`` at least 2), finite positive numbers, lists for sequences."""
+    """Raise ValueError unless every value fits the type of the hyperparameter's default (whole
+    numbers for counts, finite numbers, lists for sequences) and the bounds the class declares
+    (:attr:`Detector.bounds`; a count at least 1 and a real number positive where it declares none)."""
     parameters = inspect.signature(cls.__init__).parameters
     defaults = {name: p.default for name, p in parameters.items()}
     for name, value in params.items():
@@ -48,12 +45,12 @@ def check_params(cls: type[Detector], params: dict[str, object]) -> None:
             # an empty default's items are numbers when the annotation says so (Sequence[float])
             item_default = default[0] if default else (0.0 if "float" in str(parameters[name].annotation) else "")
             for item in value:
-                _check_scalar(name, item, item_default)
+                _check_scalar(cls, name, item, item_default)
         else:
-            _check_scalar(name, value, default)
+            _check_scalar(cls, name, value, default)
 
 
-def _check_scalar(name: str, value: object, default: object) -> None:
+def _check_scalar(cls: type[Detector], name: str, value: object, default: object) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):
@@ -63,8 +60,8 @@ def _check_scalar(name: str, value: object, default: object) -> None:
         raise ValueError(f"{name} must be a whole number; got {value!r}")
     if not number or not math.isfinite(value):  # type: ignore[arg-type]
         raise ValueError(f"{name} must be a finite number; got {value!r}")
-    low = 0 if name in ZERO_ALLOWED else (2 if name == "cv" else (1 if isinstance(default, int) else 0))
-    if value < low or (value == 0 and name not in ZERO_ALLOWED) or (name == "dropout" and value >= 1):  # type: ignore[operator]
+    bounds = cls.bounds.get(name, COUNT if isinstance(default, int) else POSITIVE)
+    if not bounds.admits(value):  # type: ignore[arg-type]
         raise ValueError(f"{name} {value!r} is out of range")
 
 
@@ -102,5 +99,5 @@ def build_detector(name: str, variants: Iterable[DetectorVariant] = ()) -> Detec
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DETECTORS", "Detector", "DetectorVariant", "SignatureFunction", "build_detector", "check_params", "suite_variants", "get_detector",
+__all__ = ["DETECTORS", "Bounds", "Detector", "DetectorVariant", "SignatureFunction", "build_detector", "check_params", "suite_variants", "get_detector",
            "register_detector"]

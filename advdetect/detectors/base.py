@@ -14,6 +14,7 @@ fitted on the same inputs scores as it does in an audit.
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
@@ -44,6 +45,28 @@ Inputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in 10.0 ** np.arange(-3, 4))
 
 
+class Bounds:
+    """The numbers a hyperparameter (or each item of a list hyperparameter) may take:
+    ``least <= value`` (``least < value`` when ``open_least``) and ``value < below``."""
+
+    def __init__(self, least: float, *, open_least: bool = False, below: float = math.inf) -> None:
+        self.least, self.open_least, self.below = least, open_least, below
+
+    def admits(self, value: float) -> bool:
+        return (value > self.least if self.open_least else value >= self.least) and value < self.below
+
+    def __repr__(self) -> str:
+        return f"Bounds({self.least!r}, open_least={self.open_least!r}, below={self.below!r})"
+
+
+#: A whole-number hyperparameter's bounds unless its class declares others: a count, at least 1.
+COUNT = Bounds(1)
+#: A real hyperparameter's bounds unless its class declares others: positive.
+POSITIVE = Bounds(0, open_least=True)
+#: Bounds a class declares for hyperparameters that may be 0 (noise magnitudes, seeds).
+NON_NEGATIVE = Bounds(0)
+
+
 class Detector(BaseEstimator, ABC):
     """Scores inputs; higher means more likely adversarial (or out-of-distribution).
 
@@ -70,6 +93,9 @@ class Detector(BaseEstimator, ABC):
     #: :meth:`fit` uses adversarial examples when it gets them (to tune or to combine features),
     #: so the result depends on which attack it saw: the ``unseen`` protocol applies.
     uses_adversarial: ClassVar[bool] = False
+    #: The numeric hyperparameters whose bounds differ from a count's (at least 1) or a real
+    #: number's (positive); suites are checked against them before any work.
+    bounds: ClassVar[dict[str, Bounds]] = {"cv": Bounds(2)}
 
     def __init__(self, model: nn.Module | None = None) -> None:
         self.model = model

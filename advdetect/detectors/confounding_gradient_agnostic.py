@@ -34,7 +34,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import DEFAULT_CS
+from advdetect.detectors.base import DEFAULT_CS, NON_NEGATIVE
 from advdetect.detectors.confounding_gradient import ConfoundingGradient
 from advdetect.errors import Unavailable
 from advdetect.signatures.inference import batched_logits, model_device
@@ -99,6 +99,8 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
     name = "confounding_gradient_agnostic"
     needs_adversarial = False
     uses_adversarial = False
+    bounds = {**ConfoundingGradient.bounds, "epsilons": NON_NEGATIVE, "iterative_epsilons": NON_NEGATIVE,
+              "boundary_steps": NON_NEGATIVE}
 
     def __init__(self, model: nn.Module | None = None, label: str = "ones", loss: str = "softmax_bce",
                  norm: str = "l2sq", layers: Sequence[str] = (), with_outputs: bool = False,

@@ -23,7 +23,7 @@ from torch import nn
 
 from advdetect.signatures.activations import final_linear, penultimate, recording
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import (DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch,
+from advdetect.detectors.base import (DEFAULT_CS, NON_NEGATIVE, Bounds, Detector, best_by_cv, fit_logistic, logistic_torch,
                                      require_adversarial)
 
 
@@ -38,6 +38,7 @@ class KernelDensityBayesianUncertainty(Detector):
     name = "kd_bu"
     needs_adversarial = True
     uses_adversarial = True
+    bounds = {**Detector.bounds, "dropout": Bounds(0, below=1), "seed": NON_NEGATIVE}
 
     def __init__(self, model: nn.Module | None = None, bandwidth_factors: Sequence[float] = (0.25, 0.5, 1.0),
                  dropout: float = 0.5, dropout_samples: int = 50, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5,

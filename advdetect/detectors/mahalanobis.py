@@ -29,7 +29,7 @@ from torch import nn
 from advdetect.signatures.activations import (counting_calls, feature_layers, final_linear, forward_until, layer_activations,
                                    pool, recording)
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import DEFAULT_CS, Detector, best_by_cv, fit_logistic, logistic_torch
+from advdetect.detectors.base import DEFAULT_CS, NON_NEGATIVE, Detector, best_by_cv, fit_logistic, logistic_torch
 from advdetect.signatures.inference import model_device
 
 
@@ -37,6 +37,7 @@ from advdetect.signatures.inference import model_device
 class Mahalanobis(Detector):
     name = "mahalanobis"
     uses_adversarial = True
+    bounds = {**Detector.bounds, "noises": NON_NEGATIVE}
 
     def __init__(self, model: nn.Module | None = None, noises: Sequence[float] = (0.0, 0.0005, 0.001, 0.002, 0.005),
                  num_layers: int = 4, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:

@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import Detector
+from advdetect.detectors.base import NON_NEGATIVE, Detector
 from advdetect.signatures.inference import model_device
 
 DEFAULT_SETTING = (1000.0, 0.0014)
@@ -57,6 +57,7 @@ def odin_scores(model: nn.Module, inputs: torch.Tensor, temperatures: Sequence[f
 class ODIN(Detector):
     name = "odin"
     uses_adversarial = True
+    bounds = {**Detector.bounds, "epsilons": NON_NEGATIVE}
 
     def __init__(self, model: nn.Module | None = None, temperatures: Sequence[float] = (1.0, 10.0, 100.0, 1000.0),
                  epsilons: Sequence[float] = (0.0, 0.0005, 0.0014, 0.003, 0.006)) -> None:
