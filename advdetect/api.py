@@ -52,7 +52,8 @@ class AuditResult:
 
     @property
     def rows(self) -> list[ResultRow]:
-        """The detection rows: one per cell x detector x protocol (the adaptive protocol's last), as in ``results.json``."""
+        """The detection rows: one per cell x detector x protocol (the adaptive protocol's last), as in
+        ``results.json``."""
         return [ResultRow.from_dict(row) for row in self.results["results"]]
 
     @property

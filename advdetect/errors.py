@@ -10,7 +10,7 @@ class ExitCode(IntEnum):
 
     OK = 0  #: the command did its work; for ``check`` and ``compare``: every check passed, no regression
     CHECK_FAILED = 1  #: a threshold check failed (``check``, the pytest plugin) or a regression (``compare``)
-    USAGE_ERROR = 2  #: bad input: an option, a spec, a suite, a model or data that cannot be audited, a damaged run folder
+    USAGE_ERROR = 2  #: bad input: an option, spec, suite, model or data that cannot be audited, a damaged run folder
     INTERNAL_ERROR = 3  #: a bug or an unexpected fault; the traceback is saved to ``error.log``
     INTERRUPTED = 130  #: Ctrl-C (SIGINT)
     TERMINATED = 143  #: SIGTERM (a CI job's timeout, ``kill``)

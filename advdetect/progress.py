@@ -3,7 +3,8 @@ callback through which stages tell their caller where they are."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, TypeVar
+from collections.abc import Iterable
+from typing import Any, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 

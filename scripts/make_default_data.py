@@ -40,7 +40,8 @@ def sha256(path: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="retrain in a temporary folder and compare with the shipped files")
+    parser.add_argument("--check", action="store_true",
+                        help="retrain in a temporary folder and compare with the shipped files")
     args = parser.parse_args()
     if not args.check:
         DATA.mkdir(exist_ok=True)

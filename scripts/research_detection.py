@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import GroupKFold
 from sklearn.neural_network import MLPClassifier
@@ -258,7 +257,8 @@ def agnostic(run_dir: Path, path: Path) -> None:
             pairs = np.flatnonzero(data[f"{attack}__fooled"])
             values.append(auroc(detector.score_samples(signature("clean")[pairs]),
                                 detector.score_samples(signature(attack)[pairs])))
-        print(f"agnostic eps={epsilons} iterative={iterative} boundary_steps={boundary_steps} ({detector.n_self_made_} self-made, C={detector.C_}, "
+        print(f"agnostic eps={epsilons} iterative={iterative} boundary_steps={boundary_steps} "
+              f"({detector.n_self_made_} self-made, C={detector.C_}, "
               f"{time.perf_counter() - started:.0f} s): " + " ".join(f"{a} {v:.3f}" for a, v in zip(attacks, values)),
               flush=True)
 

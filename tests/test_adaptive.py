@@ -23,8 +23,9 @@ steps = 3
 def test_an_adaptive_table_defaults_to_the_suites_middle_pgd_budget():
     suite = parse_suite(PGD + "[adaptive]\n", "s", "s.toml")
     assert suite.adaptive is not None
-    assert (suite.adaptive.attack, suite.adaptive.eps, suite.adaptive.norm, suite.adaptive.steps) == ("pgd", 0.1, "Linf", 100)
-    assert suite.adaptive.step_size == pytest.approx(2.5 * 0.1 / 100)
+    adaptive = suite.adaptive
+    assert (adaptive.attack, adaptive.eps, adaptive.norm, adaptive.steps) == ("pgd", 0.1, "Linf", 100)
+    assert adaptive.step_size == pytest.approx(2.5 * 0.1 / 100)
     assert suite_from_document(suite.to_dict(), "s", "s").to_dict() == suite.to_dict()
 
 
@@ -54,6 +55,7 @@ def test_a_suite_without_pgd_cannot_have_an_adaptive_table():
         parse_suite('[[attack]]\nname = "fgsm"\neps = [0.1]\n[adaptive]\n', "s", "s.toml")
 
 
+@pytest.mark.slow
 def test_bad_adaptive_settings_exit_2_before_any_work(tmp_path, capsys):
     suite = tmp_path / "bad.toml"
     suite.write_text(PGD + "[adaptive]\nsteps = -5\n")
@@ -72,7 +74,8 @@ def _document(adaptive_rows, masking=None):
 
 
 def test_the_adaptive_threshold_passes_fails_and_never_passes_without_its_row():
-    suite = parse_suite(PGD + "[thresholds]\ndetector = 'msp'\nmax_undetected_success_rate = 0.3\n[adaptive]\n", "s", "s")
+    suite = parse_suite(PGD + "[thresholds]\ndetector = 'msp'\nmax_undetected_success_rate = 0.3\n[adaptive]\n",
+                        "s", "s")
     (check,) = [c for c in plan_checks(suite) if c.metric == "undetected_success_rate"]
     assert check.nodeid == "s::adaptive[eps=0.1]::undetected_success_rate"
     row = {"protocol": "adaptive", "detector": "msp", "strength": 0.1, "undetected_success_rate": 0.2}
@@ -96,7 +99,8 @@ def test_a_robustness_threshold_brings_the_gradient_masking_check():
     checks = plan_from_document(document, "s")
     (masking,) = [c for c in checks if c.metric == "robustness"]
     assert masking.nodeid == "s::gradient_masking::robustness"
-    quiet = {"eps": 0.1, "n_inputs": 64, "symptoms": [{"name": "vanishing_gradients", "observed": False, "detail": "x"}]}
+    quiet = {"eps": 0.1, "n_inputs": 64,
+             "symptoms": [{"name": "vanishing_gradients", "observed": False, "detail": "x"}]}
     loud = {**quiet, "symptoms": [{"name": "vanishing_gradients", "observed": True, "detail": "zero on 64 of 64"}]}
     assert evaluate(masking, _document([], quiet)).status == PASSED
     outcome = evaluate(masking, _document([], loud))

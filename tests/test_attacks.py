@@ -18,6 +18,7 @@ def test_registry_covers_the_torchattacks_families():
         get_attack("xyz")
 
 
+@pytest.mark.slow
 def test_attack_cells_are_seeded_and_leave_the_global_rng_alone(tiny_model, tiny_inputs):
     pgd = cell('[[attack]]\nname = "pgd"\neps = [0.3]\nalpha = 0.1\nsteps = 2')  # random start
     labels = tiny_model(tiny_inputs).argmax(1)

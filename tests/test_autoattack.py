@@ -59,7 +59,8 @@ def runs(digits) -> dict[str, torch.Tensor]:
     AutoAttack, all 'standard' at Linf EPS with seed 0 (about 3 x 5 s on one busy core)."""
     model, x, y = digits
     state = torch.random.get_rng_state()
-    wrapper = get_attack("autoattack").build(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)(x, y)
+    attack = get_attack("autoattack").build(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
+    wrapper = attack(x, y)
     assert torch.equal(state, torch.random.get_rng_state())  # the reference reseeds torch, but on a fork
     reference = pyautoattack.AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
     reference.verbose = False
@@ -68,6 +69,7 @@ def runs(digits) -> dict[str, torch.Tensor]:
     return {"wrapper": wrapper, "pyautoattack": by_hand, "torchattacks": ours}
 
 
+@pytest.mark.slow
 def test_autoattack_is_the_reference_and_no_weaker_than_torchattacks(digits, runs):
     model, x, y = digits
     found = {name: robust(model, adversarial, y) for name, adversarial in runs.items()}
@@ -77,6 +79,7 @@ def test_autoattack_is_the_reference_and_no_weaker_than_torchattacks(digits, run
     assert 0 < found["wrapper"] < robust(model, x, y)  # an informative budget: some fooled, some not
 
 
+@pytest.mark.slow
 def test_autoattack_returns_inputs_within_eps(digits, runs):
     _, x, _ = digits
     adversarial = runs["wrapper"]
@@ -86,6 +89,7 @@ def test_autoattack_returns_inputs_within_eps(digits, runs):
     assert not torch.equal(adversarial, x)
 
 
+@pytest.mark.slow
 def test_autoattack_is_seeded(digits):
     model, x, y = digits
     build = get_attack("autoattack").build
@@ -132,7 +136,8 @@ def test_preflight_refuses_bad_values_and_runs_good_ones_on_a_tiny_budget(digits
     model, x, y = digits
     for norm in ("Linf2", "L3"):
         cells = parse_suite(f'[[attack]]\nname = "autoattack"\nnorm = "{norm}"\neps = [0.1]', "t", "t.toml").cells()
-        with pytest.raises(UsageError, match=f"attack .* cannot run with .*: norm must be one of Linf, L2, L1; got '{norm}'"):
+        with pytest.raises(UsageError,
+                           match=f"attack .* cannot run with .*: norm must be one of Linf, L2, L1; got '{norm}'"):
             probe_attacks(model, cells, x[:1], y[:1], num_classes=10, seed=0)
     # a class count the model does not have passes the keyword checks, and fails in the trial run, not mid-audit
     three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()

@@ -37,7 +37,8 @@ def separable():
 
     def corners(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.arange(n) % 2
-        return (torch.nn.functional.one_hot(labels, 2).float() * 0.8 + 0.1 + 0.05 * torch.randn(n, 2, generator=g)).clamp(0, 1), labels
+        noise = 0.05 * torch.randn(n, 2, generator=g)
+        return (torch.nn.functional.one_hot(labels, 2).float() * 0.8 + 0.1 + noise).clamp(0, 1), labels
 
     reference, labels = corners(60)
     clean, _ = corners(40)
@@ -119,7 +120,8 @@ def test_mahalanobis_value():
 def test_lid_value():
     # neighbours at 1, 2, 4 with k = 3: mean log(r_i / r_3) = (log 1/4 + log 1/2 + 0) / 3 = -log 2,
     # so LID = 1 / log 2 = 1.442695; a zero distance (the input itself) is skipped.
-    assert lid_mle(torch.tensor([[2.0, 0.0, 4.0, 1.0]], dtype=torch.float64), 3).item() == pytest.approx(1 / math.log(2))
+    distances = torch.tensor([[2.0, 0.0, 4.0, 1.0]], dtype=torch.float64)
+    assert lid_mle(distances, 3).item() == pytest.approx(1 / math.log(2))
     model = identity_model(1)
     detector = get_detector("lid")(ks=(3,))
     reference = torch.tensor([[0.1], [0.2], [0.4], [0.9]])
@@ -130,7 +132,8 @@ def test_lid_value():
 
 def test_kd_bu_values():
     # mean of exp(-0^2) and exp(-1^2) = (1 + 0.367879) / 2 = 0.683940, log = -0.379885
-    density = log_kernel_density(torch.tensor([[0.0]], dtype=torch.float64), torch.tensor([[0.0], [1.0]], dtype=torch.float64), 1.0)
+    density = log_kernel_density(torch.tensor([[0.0]], dtype=torch.float64),
+                                 torch.tensor([[0.0], [1.0]], dtype=torch.float64), 1.0)
     assert density.item() == pytest.approx(-0.379885, abs=1e-6)
     model = identity_model()
     detector = get_detector("kd_bu")(dropout=0.0, dropout_samples=3)

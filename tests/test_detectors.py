@@ -21,7 +21,8 @@ def test_confounding_gradient_ranks_a_separable_case():
     clean = np.exp(rng.normal(0, 1, (40, 6)))
     adversarial = np.exp(rng.normal(0, 1, (40, 6)) + np.array([0, 3, 0, 0, 3, 0]))
     detector = get_detector("confounding_gradient")().fit(clean[:20], adversarial[:20])
-    assert detection_metrics(detector.score_samples(clean[20:]), detector.score_samples(adversarial[20:]))["auroc"] > 0.97
+    metrics = detection_metrics(detector.score_samples(clean[20:]), detector.score_samples(adversarial[20:]))
+    assert metrics["auroc"] > 0.97
     assert detector.fitted_params()["C"] in detector.Cs
 
 
@@ -169,7 +170,8 @@ def test_the_agnostic_detector_makes_its_own_adversarial_examples():
 def test_the_agnostic_detector_fits_without_the_audited_attack_and_ranks_a_boundary_case():
     generator = torch.Generator().manual_seed(1)
     reference = torch.rand(60, 1, 2, 2, generator=generator)
-    reference[:, 0, 0, 0] = torch.where(torch.arange(60) % 2 == 0, 0.05, 0.95) + 0.05 * torch.rand(60, generator=generator)
+    reference[:, 0, 0, 0] = (torch.where(torch.arange(60) % 2 == 0, 0.05, 0.95)
+                             + 0.05 * torch.rand(60, generator=generator))
     labels = (reference[:, 0, 0, 0] < 0.5).long()  # class 1 below the boundary
     model = _boundary_model()
     detector = get_detector("confounding_gradient_agnostic")(noise_levels=[0.02, 0.08], epsilons=[0.6], noise_draws=8)

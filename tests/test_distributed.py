@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import numpy as np
 import torch
 from helpers import TINY_SUITE, results_without_timings
@@ -26,6 +27,7 @@ def test_chunks_are_dealt_round_robin_and_cover_every_row():
     assert World().map_chunks(0, 16, lambda index, rows: np.zeros(1)) is None
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_results_of_one(tmp_path, monkeypatch):
     (tmp_path / "tiny.toml").write_text(TINY_SUITE)
     monkeypatch.chdir(tmp_path)

@@ -82,6 +82,7 @@ def tiny_model_and_cell():
     return tiny_model(), load_suite("default").cells()[0]
 
 
+@pytest.mark.slow
 def test_a_model_that_classifies_no_audited_input_correctly_is_refused_before_any_work(tmp_path):
     """Nothing can be attacked or detected: an audit that finished would show only empty cells, and
     its threshold checks would all be skipped, a verdict that passes. The user is told why instead."""
@@ -97,6 +98,7 @@ def test_a_model_that_classifies_no_audited_input_correctly_is_refused_before_an
 # --- a model that classifies one audited input correctly: report.pdf ----------------------------
 
 
+@pytest.mark.slow
 def test_one_correctly_classified_input_gives_a_pdf_report(tmp_path):
     """The thumbnail strip of a single input is taller than a page: scaled down, not a LayoutError."""
     result = run_audit(tmp_path, *data_with_correct(tiny_model(), 1))
@@ -105,6 +107,7 @@ def test_one_correctly_classified_input_gives_a_pdf_report(tmp_path):
     assert result.report_pdf.read_bytes().startswith(b"%PDF") and result.report_html.is_file()
 
 
+@pytest.mark.slow
 def test_captions_longer_than_a_page_split_over_pages(tmp_path, monkeypatch):
     """A figure whose captions (very many detectors) leave no room on its page: the row runs over
     pages instead of stopping the report."""
@@ -147,6 +150,7 @@ def test_every_pdf_figure_fits_the_frame_with_its_aspect_ratio(size):
 # --- numeric options through the Python API -----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
@@ -198,6 +202,7 @@ def test_numbers_of_another_type_are_refused_by_prepare(name, value, message):
         prepare(build_options(model=tiny_model(), detectors=["msp"], cache=False, **{name: value}))
 
 
+@pytest.mark.slow
 def test_whole_numbers_of_numpy_are_taken(tmp_path):
     x, y = data_with_correct(tiny_model(), 3)
     result = advdetect.audit(tiny_model(), (x, y), suite="default", attacks=["fgsm"], detectors=["msp"],
@@ -263,8 +268,10 @@ def test_a_checkpoint_without_batch_counts_loads(bn_checkpoint, tmp_path, suffix
         (lambda s: s.pop("bn.running_mean"), r"1 missing \(bn.running_mean\)"),
         (lambda s: [s.pop(k) for k in list(s) if k.startswith("bn.")],  # a whole layer, its batch count too
          r"5 missing \(bn.weight, bn.bias, bn.running_mean, ...\)"),
-        (lambda s: s.update({"bn.num_batches_tracked_extra": torch.tensor(1)}), r"1 unexpected \(bn.num_batches_tracked_extra\)"),
-        (lambda s: s.update({"other.num_batches_tracked": torch.tensor(1)}), r"1 unexpected \(other.num_batches_tracked\)"),
+        (lambda s: s.update({"bn.num_batches_tracked_extra": torch.tensor(1)}),
+         r"1 unexpected \(bn.num_batches_tracked_extra\)"),
+        (lambda s: s.update({"other.num_batches_tracked": torch.tensor(1)}),
+         r"1 unexpected \(other.num_batches_tracked\)"),
         (lambda s: s.update({"bn.num_batches_tracked": torch.zeros(2, dtype=torch.long)}),
          r"1 mis-shaped \(bn.num_batches_tracked \(2,\) vs \(\)\)"),
     ],

@@ -153,7 +153,8 @@ def test_bad_options_stop_before_any_work(options, message, workdir, capsys):
     [
         ("models.py:nan_model", "the model returns NaN or infinite logits"),
         ("models.py:Pair", "it returned a tuple of 2 items"),
-        ("models.py:Raises", "the model cannot take inputs of shape [1, 8, 8] (a probe batch): RuntimeError: broken forward"),
+        ("models.py:Raises",
+         "the model cannot take inputs of shape [1, 8, 8] (a probe batch): RuntimeError: broken forward"),
         ("models.py:NoParameters", "the model has no parameters"),
     ],
 )
@@ -215,6 +216,7 @@ def test_run_folders_with_the_same_timestamp_are_claimed_apart(tmp_path):
                                               "20261125-120000-4"]
 
 
+@pytest.mark.slow
 def test_two_audits_started_together_in_one_root_keep_their_own_folders(workdir):
     command = [sys.executable, "-m", "advdetect", *tiny_audit()]
     processes = [subprocess.Popen(command + ["--seed", str(seed)], cwd=workdir, stdout=subprocess.PIPE,
@@ -234,6 +236,7 @@ def test_two_audits_started_together_in_one_root_keep_their_own_folders(workdir)
     assert seeds == {1, 2}
 
 
+@pytest.mark.slow
 def test_a_run_folder_in_use_is_refused(audited_copy, capsys):
     from advdetect.run.folder import locked
 
@@ -288,6 +291,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "relative", "damage"),
     [
@@ -338,6 +342,7 @@ def test_history_skips_a_damaged_manifest_with_a_warning(audited_copy, audited, 
     assert f"skipping {audited_copy} (damaged run folder: {audited_copy / 'manifest.json'}" in caplog.text
 
 
+@pytest.mark.slow
 def test_report_refuses_an_unfinished_detect_stage(audited_copy, capsys):
     results = (audited_copy / "results.json").read_bytes()
     info = json.loads((audited_copy / "run.json").read_text())
@@ -348,23 +353,27 @@ def test_report_refuses_an_unfinished_detect_stage(audited_copy, capsys):
     assert (audited_copy / "results.json").read_bytes() == results
 
 
+@pytest.mark.slow
 def test_detect_refuses_an_unfinished_attack_stage(audited_copy, capsys):
     (audited_copy / "adversarial" / "pgd_eps-0.3.json").unlink()
     assert main(["detect", str(audited_copy)]) == ExitCode.USAGE_ERROR
     one_line_error(capsys, "cell pgd[eps=0.3] has no results: the attack stage did not finish")
 
 
+@pytest.mark.slow
 def test_a_damaged_sibling_never_fails_a_new_audit(workdir, caplog):
     assert main(tiny_audit("--out", "reports/first")) == ExitCode.OK
     (workdir / "reports" / "first" / "results.json").write_text("{ truncated")
     assert main(tiny_audit("--out", "reports/second")) == ExitCode.OK
-    assert "trend: skipping reports/first (damaged run folder: reports/first/results.json: not valid JSON" in caplog.text
+    assert ("trend: skipping reports/first (damaged run folder: reports/first/results.json: not valid JSON"
+            in caplog.text)
     assert (workdir / "reports" / "second" / "report.pdf").is_file()
 
 
 # --- no wrong number with exit 0 -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_weights_with_another_forward_do_not_share_cached_attacks(workdir):
     assert main(tiny_audit("--out", "a", "--cache-dir", "cache")) == ExitCode.OK
     assert main(tiny_audit("--out", "b", "--cache-dir", "cache")) == ExitCode.OK
@@ -375,6 +384,7 @@ def test_same_weights_with_another_forward_do_not_share_cached_attacks(workdir):
     assert models[0] == models[1]  # the same weights: only the logits tell the models apart
 
 
+@pytest.mark.slow
 def test_detect_refuses_a_model_whose_forward_changed(workdir, capsys):
     assert main(tiny_audit("--out", "run")) == ExitCode.OK
     (workdir / "models.py").write_text(MODELS.replace("self.scale = scale", "self.scale = 2 * scale"))

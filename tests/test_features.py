@@ -27,7 +27,8 @@ def test_loss_is_sigmoid_bce_against_all_ones_summed_over_classes():
 
 
 def test_matches_closed_form_on_a_linear_model():
-    # logits z = W x + b: dL/dz = sigmoid(z) - 1, so |grad W|^2 = |sigmoid(z) - 1|^2 |x|^2 and |grad b|^2 = |sigmoid(z) - 1|^2
+    # logits z = W x + b: dL/dz = sigmoid(z) - 1, so |grad W|^2 = |sigmoid(z) - 1|^2 |x|^2
+    # and |grad b|^2 = |sigmoid(z) - 1|^2
     torch.manual_seed(0)
     model = nn.Linear(5, 3).double()
     x = torch.randn(4, 5, dtype=torch.float64)
@@ -163,7 +164,8 @@ def test_batched_features_are_exact_to_1e3_in_float32(tiny_model, tiny_inputs):
 
 def test_batchnorm_without_running_statistics_uses_the_loop():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(),
+                          nn.Linear(8, 3))
     inputs = torch.rand(3, 1, 4, 4)
     torch.testing.assert_close(confounding_gradient_features(model, inputs), per_sample_loop_features(model, inputs))
 

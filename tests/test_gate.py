@@ -42,8 +42,8 @@ def suite_file(tmp_path):
 
 
 def check(suite, tmp_path, name, *extra):
-    return main(["check", suite, "--n", "60", "--detectors", "confounding_gradient,msp", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs" / name),
-                 *extra])
+    return main(["check", suite, "--n", "60", "--detectors", "confounding_gradient,msp",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs" / name), *extra])
 
 
 def test_one_verdict_counts_for_the_exit_code_the_closing_line_junit_and_results_json():
@@ -69,6 +69,7 @@ def test_one_verdict_counts_for_the_exit_code_the_closing_line_junit_and_results
     assert judge(checks[:1], document).counts == {"passed": 0, "failed": 1, "skipped": 0}
 
 
+@pytest.mark.slow
 def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, capsys):
     assert check(suite_file(), tmp_path, "pass", "--junitxml", str(tmp_path / "pass.xml")) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -83,7 +84,8 @@ def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, c
     out = capsys.readouterr().out
     assert re.search(r"::pgd\[eps=0.3\]::attack_success_rate FAILED \(0\.\d{3} > 0.5\)", out)
     assert re.search(r"::pgd\[eps=0.3\]::auroc FAILED \(msp 0\.\d{3} < 0.999\)", out)
-    assert "failed" in out.strip().splitlines()[-1] and not out.strip().splitlines()[-1].startswith("0 passed, 0 failed")
+    last = out.strip().splitlines()[-1]
+    assert "failed" in last and not last.startswith("0 passed, 0 failed")
     suite = ElementTree.parse(tmp_path / "f.xml").getroot().find("testsuite")
     assert int(suite.get("failures")) >= 1 and int(suite.get("tests")) == 7 and suite.get("skipped") == "1"
     failure = suite.find("testcase/failure")
@@ -92,6 +94,7 @@ def test_check_passes_and_fails_with_pytest_style_output(suite_file, tmp_path, c
     assert manifest["status"] == "complete" and manifest["verdict"]["failed"] >= 1
 
 
+@pytest.mark.slow
 def test_check_input_errors_exit_2(suite_file, tmp_path, capsys):
     assert main(["check", "default", "--out", str(tmp_path / "x")]) == 2
     assert "has no thresholds to check" in capsys.readouterr().err
@@ -100,6 +103,7 @@ def test_check_input_errors_exit_2(suite_file, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, capsys):
     suite = suite_file()
     assert check(suite, tmp_path, "a") == 0 and check(suite, tmp_path, "b") == 0
@@ -108,10 +112,12 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
     for name in ("a", "b"):
         manifest = read_json(runs / name / "manifest.json")
         assert manifest["status"] == "complete" and len(manifest["model_sha256"]) == 64
-        assert {"data_sha256", "suite_sha256", "seed", "versions", "device", "started_at", "ended_at", "timings"} <= set(manifest)
+        assert {"data_sha256", "suite_sha256", "seed", "versions", "device", "started_at", "ended_at",
+                "timings"} <= set(manifest)
     assert main(["history", str(runs)]) == 0
     history = capsys.readouterr().out.splitlines()
-    assert history[0].split()[:3] == ["run", "started", "status"] and [l.split()[0] for l in history[1:]] == ["a", "b"]
+    assert history[0].split()[:3] == ["run", "started", "status"]
+    assert [line.split()[0] for line in history[1:]] == ["a", "b"]
     assert main(["history", str(runs), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [Path(r["run_dir"]).name for r in listed] == ["a", "b"] and {r["status"] for r in listed} == {"complete"}
@@ -124,7 +130,8 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
 
     # plant a regression: in the earlier run a, msp detected pgd[eps=0.3] far better than b now does
     results = read_json(runs / "a" / "results.json")
-    row = next(r for r in results["results"] if r["attack"] == "pgd" and r["strength"] == 0.3 and r["detector"] == "msp")
+    row = next(r for r in results["results"]
+               if r["attack"] == "pgd" and r["strength"] == 0.3 and r["detector"] == "msp")
     row.update(auroc=0.999, auroc_ci_low=0.99, auroc_ci_high=1.0)
     write_json(runs / "a" / "results.json", results)
     assert main(["compare", str(runs / "a"), str(runs / "b"), "--json"]) == 1
@@ -156,6 +163,7 @@ def test_history_trend_compare_and_a_planted_regression(suite_file, tmp_path, ca
     assert "1 regression(s)" in html and html.count("<td>REGRESSION</td>") == 1
 
 
+@pytest.mark.slow
 def test_pytest_plugin_gives_the_same_verdicts_as_check(suite_file, tmp_path, pytester, capsys):
     suite = suite_file(min_auroc=0.9, max_asr=0.9)
     assert check(suite, tmp_path, "cli", "--json") == 1

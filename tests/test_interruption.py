@@ -21,7 +21,8 @@ steps = 15
 
 
 def start(tmp_path: Path, cache: str, out: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "advdetect", "audit", str(tmp_path / "suite.toml"), "--n", "120", "--detectors", "confounding_gradient,msp",
+    return subprocess.Popen([sys.executable, "-m", "advdetect", "audit", str(tmp_path / "suite.toml"), "--n", "120",
+                             "--detectors", "confounding_gradient,msp",
                              "--cache-dir", str(tmp_path / cache), "--out", str(tmp_path / out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -50,6 +51,7 @@ def suite(tmp_path):
     (tmp_path / "suite.toml").write_text(SUITE)
 
 
+@pytest.mark.slow
 def test_sigkill_during_attacks_then_rerun_equals_an_uninterrupted_run(suite, tmp_path):
     process = start(tmp_path, "cache", "killed")
     wait_for_cached_cells(tmp_path / "cache", process, count=2)
@@ -68,6 +70,7 @@ def test_sigkill_during_attacks_then_rerun_equals_an_uninterrupted_run(suite, tm
     assert results_without_timings(tmp_path / "resumed") == results_without_timings(tmp_path / "fresh")
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_it_stopped(suite, tmp_path):
     process = start(tmp_path, "cache", "run")
     wait_for_cached_cells(tmp_path / "cache", process)

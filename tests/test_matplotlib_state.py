@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import advdetect
 
 SCRIPT = """
@@ -34,6 +35,7 @@ def modules_importing_matplotlib() -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_importing_and_drawing_leave_the_matplotlib_backend_and_rcparams_alone():
     modules = modules_importing_matplotlib()
     assert "advdetect.report.figures" in modules

@@ -182,6 +182,7 @@ def test_missing_timm_says_how_to_install_it(monkeypatch, timm_7):
         load_model("timm:test_byobnet", ModelOptions(weights=str(timm_7[1])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("spec", "model_fixture", "extra"), [
     ("torchvision:mobilenet_v3_small", "mobilenet_10", {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
     ("timm:test_byobnet", "timm_7", {}),

@@ -46,10 +46,12 @@ def trained(model_file, tmp_path):
 def test_file_callable_with_weights(model_file, trained, tmp_path):
     loaded = load_model(f"{model_file}:TinyNet", ModelOptions(weights=str(tmp_path / "weights.pt")))
     assert torch.equal(loaded.module(X), trained(X))
-    assert loaded.info["name"] == "TinyNet" and loaded.info["input_channels"] == 3 and loaded.info["num_parameter_tensors"] == 4
+    assert loaded.info["name"] == "TinyNet" and loaded.info["input_channels"] == 3
+    assert loaded.info["num_parameter_tensors"] == 4
     wrapped = {"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}  # DataParallel checkpoint
     torch.save(wrapped, tmp_path / "wrapped.pt")
-    assert torch.equal(load_model(f"{model_file}:make", ModelOptions(weights=str(tmp_path / "wrapped.pt"))).module(X), trained(X))
+    unwrapped = load_model(f"{model_file}:make", ModelOptions(weights=str(tmp_path / "wrapped.pt")))
+    assert torch.equal(unwrapped.module(X), trained(X))
 
 
 def test_package_module_callable(model_file, monkeypatch):
@@ -135,7 +137,8 @@ def test_robustbench_poisoned_cache_names_the_file_to_delete(zoo_model, tmp_path
     path = tmp_path / "cifar10" / "Linf" / f"{ROBUSTBENCH_NAME}.pt"
     path.parent.mkdir(parents=True)
     path.write_text("<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head></html>")
-    with pytest.raises(UsageError, match=rf"{path} is an HTML page saved by a failed download, not a checkpoint; delete it"):
+    with pytest.raises(UsageError,
+                       match=rf"{path} is an HTML page saved by a failed download, not a checkpoint; delete it"):
         load_model(f"robustbench:{ROBUSTBENCH_NAME}", ModelOptions(model_dir=str(tmp_path)))
 
 
@@ -150,7 +153,8 @@ def test_robustbench_missing_checkpoint_names_where_to_put_it(zoo_model, tmp_pat
     path = tmp_path / "cifar10" / "L2" / f"{ROBUSTBENCH_NAME}.pt"
     with pytest.raises(UsageError, match=rf"not at {path} and downloading it failed \(ConnectionError: no network\); "
                                          r"place the checkpoint at that path"):
-        load_model(f"robustbench:{ROBUSTBENCH_NAME}", ModelOptions(model_dir=str(tmp_path), threat_model=ThreatModel.L2))
+        load_model(f"robustbench:{ROBUSTBENCH_NAME}",
+                   ModelOptions(model_dir=str(tmp_path), threat_model=ThreatModel.L2))
     assert not path.exists()
     with pytest.raises(UsageError, match="robustbench has no model 'Nope2099' for cifar10/Linf"):
         load_model("robustbench:Nope2099", ModelOptions(model_dir=str(tmp_path)))

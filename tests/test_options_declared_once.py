@@ -200,6 +200,7 @@ def test_a_dataset_or_a_dataloader_gives_the_audit_of_its_tensors(tmp_path):
     assert result.run_json.is_file() and result.results_json.is_file() and result.report_html.is_file()
 
 
+@pytest.mark.slow
 def test_a_shuffling_dataloader_or_pairless_data_is_refused_before_any_work(tmp_path):
     x, y = tiny_data(pixels_model())
     with pytest.raises(UsageError, match=r"^the DataLoader given as data draws its inputs at random, .*shuffle=False$"):

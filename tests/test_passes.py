@@ -90,6 +90,7 @@ def test_the_pass_cost_is_measured_per_input(tiny_model, tiny_inputs):
     assert cost.batch_size == 6 and 0 < cost.forward and 0 < cost.forward_backward
 
 
+@pytest.mark.slow
 def test_the_attack_stage_records_each_cells_passes_and_bench_audit_its_floor(tmp_path, capsys):
     """PGD with 3 steps makes 3 forward and backward passes per attacked input, FGSM one, and each cell one
     forward pass more to classify its adversarial inputs."""

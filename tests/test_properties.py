@@ -27,7 +27,9 @@ def toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else ("inf" if value == math.inf else "-inf" if value == -math.inf else repr(value))
+        if math.isnan(value):
+            return "nan"
+        return "inf" if value == math.inf else "-inf" if value == -math.inf else repr(value)
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
@@ -79,6 +81,7 @@ X = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 Y = MODEL(X).argmax(dim=1).detach()
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(text=suite_texts())
 @pytest.mark.filterwarnings("ignore")
@@ -117,6 +120,7 @@ options = st.fixed_dictionaries({}, optional={
 })
 
 
+@pytest.mark.slow
 @settings(SETTINGS, max_examples=12)
 @given(chosen=options)
 @pytest.mark.filterwarnings("ignore")

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from advdetect.cli.commands import main
 from advdetect.errors import ExitCode
 
+pytestmark = pytest.mark.slow  # every test reads the runs of the module's audits
+
 SUITE = '[[attack]]\nname = "fgsm"\neps = [0.3]\n'
 #: Another suite whose cell has the same name (and file names) as SUITE's, and other contents.
 OTHER_SUITE = '[[attack]]\nid = "fgsm"\nname = "pgd"\neps = [0.3]\nalpha = 0.1\nsteps = 3\n'

@@ -31,7 +31,7 @@ ROW = {"attack": "fgsm", "strength_name": "eps", "strength": 0.1, "detector": "m
 def test_the_shipped_schemas_are_the_ones_the_records_generate():
     assert set(SCHEMAS) == {"results.schema.json", "run.schema.json"}
     for name, record in SCHEMAS.items():
-        assert json.loads((FOLDER / name).read_text()) == generate(record), f"run python -m advdetect.run.schemas"
+        assert json.loads((FOLDER / name).read_text()) == generate(record), "run python -m advdetect.run.schemas"
     assert stale() == []
     shipped = json.loads((FOLDER / "results.schema.json").read_text())
     assert shipped["required"] == [f.name for f in fields(Results)]  # every field of results.json, none optional

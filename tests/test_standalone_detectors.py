@@ -125,6 +125,7 @@ def test_a_standalone_detector_scores_as_in_the_audit(audited, model, name, form
     assert compared == (1 if form is as_loader else {"msp": 4, "mahalanobis": 5, "confounding_gradient": 3}[name])
 
 
+@pytest.mark.slow
 def test_fitting_on_a_dataset_equals_fitting_on_tensors(model, digits):
     x, y = digits
     on_tensors = advdetect.Mahalanobis(model, noises=(0.002,)).fit((x[:40], y[:40]))
@@ -138,6 +139,7 @@ def test_fitting_on_a_dataset_equals_fitting_on_tensors(model, digits):
     assert not np.allclose(relabelled(x[40:]), expected)
 
 
+@pytest.mark.slow
 def test_a_supervised_detector_fits_on_datasets_as_on_tensors(model, digits):
     x, y = digits
     moved = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).sign()).clamp(0, 1)
@@ -156,6 +158,7 @@ def test_every_registered_detector_is_exported_under_its_class_name_and_binds_a_
         assert detector.model is model and "model" not in detector.get_params()  # a suite cannot set it
 
 
+@pytest.mark.slow
 def test_the_model_is_bound_not_a_hyperparameter(model, digits):
     x, y = digits
     detector = advdetect.Mahalanobis(model, noises=(0.0,))
@@ -175,7 +178,8 @@ def test_standalone_misuse_fails_with_a_clear_message(model, digits):
     x, y = digits
     with pytest.raises(ValueError, match=r"needs a model: create the detector as MaxSoftmax\(model, ...\)"):
         advdetect.MaxSoftmax()(x)
-    with pytest.raises(ValueError, match="confounding_gradient is supervised: fit it with clean and adversarial inputs"):
+    with pytest.raises(ValueError,
+                       match="confounding_gradient is supervised: fit it with clean and adversarial inputs"):
         advdetect.ConfoundingGradient(model).fit((x, y))
     with pytest.raises(ValueError, match=r"to give labels, pass clean as an \(x, y\) pair"):
         advdetect.Mahalanobis(model).fit(x, y)  # scikit-learn's habit: here the second argument is adversarial

@@ -56,14 +56,17 @@ def test_select_keeps_named_attacks_and_rejects_others():
     ("text", "message"),
     [
         ('[[attack]]\nname = "pgdd"\neps = [0.1]', r"unknown attack 'pgdd'; valid attacks: .*\bpgd\b"),
-        ('[[attack]]\nname = "pgd"\neps = [0.1]\nepsilon = 3', r"unknown keyword\(s\) epsilon; valid: eps, alpha, steps, random_start"),
+        ('[[attack]]\nname = "pgd"\neps = [0.1]\nepsilon = 3',
+         r"unknown keyword\(s\) epsilon; valid: eps, alpha, steps, random_start"),
         ('[[attack]]\nname = "pgd"\neps = 0.1', r"exactly one list-valued keyword .*found none"),
-        ('[[attack]]\nname = "pgd"\neps = [0.1]\nsteps = [1, 2]', r"exactly one list-valued keyword .*found eps, steps"),
+        ('[[attack]]\nname = "pgd"\neps = [0.1]\nsteps = [1, 2]',
+         r"exactly one list-valued keyword .*found eps, steps"),
         ('[[attack]]\nname = "pgd"\neps = []', r"non-empty list of finite numbers"),
         ('[[attack]]\nname = "pgd"\neps = ["a"]', r"non-empty list of finite numbers"),
         ('[[attack]]\nname = "pgd"\neps = [0.1, 0.1]', r"repeats a value"),
         ('[[attack]]\neps = [0.1]', r"missing 'name'"),
-        ('[[attack]]\nname = "pgd"\neps = [0.1]\n[[attack]]\nname = "pgd"\neps = [0.2]', r"appears twice; give each an 'id'"),
+        ('[[attack]]\nname = "pgd"\neps = [0.1]\n[[attack]]\nname = "pgd"\neps = [0.2]',
+         r"appears twice; give each an 'id'"),
         ("description = 'x'", r"no attacks"),
         ("attacks = 3", r"unknown top-level key\(s\) attacks"),
         ("[[attack]\nname = 'pgd'", r"t.toml: malformed TOML: .*line 1"),
@@ -76,7 +79,8 @@ def test_invalid_suites_are_one_clear_error(text, message):
 
 
 def test_missing_suite_file_names_the_builtin_suites(tmp_path):
-    with pytest.raises(UsageError, match=r"suite file '.*missing.toml' not found; .* autoattack, default, nightly, standard"):
+    with pytest.raises(UsageError,
+                       match=r"suite file '.*missing.toml' not found; .* autoattack, default, nightly, standard"):
         load_suite(str(tmp_path / "missing.toml"))
 
 
@@ -109,7 +113,8 @@ def test_thresholds_apply_suite_wide_with_per_attack_overrides():
 @pytest.mark.parametrize(("text", "message"), [
     ("[thresholds]\nmin_aurocc = 0.9\n" + PGD, r"unknown threshold\(s\) min_aurocc; valid: detector, min_auroc"),
     ("[thresholds]\nmin_auroc = 1.5\n" + PGD, r"thresholds.min_auroc must be a number in \[0, 1\]; got 1.5"),
-    (PGD + "[attack.thresholds]\nmax_attack_success_rate = 'x'\n", r"attack #1 \(PGD\) thresholds: .*max_attack_success_rate"),
+    (PGD + "[attack.thresholds]\nmax_attack_success_rate = 'x'\n",
+     r"attack #1 \(PGD\) thresholds: .*max_attack_success_rate"),
 ])
 def test_invalid_thresholds(text, message):
     with pytest.raises(UsageError, match=message):
@@ -131,7 +136,8 @@ def test_detector_variants_parse_and_round_trip():
         ('[detector.msp]\nbase = "msp"\n', "a name of its own"),
         ('[detector.x]\nloss = "softmax_bce"\n', "missing 'base'"),
         ('[detector.x]\nbase = "nope"\n', "unknown detector 'nope'"),
-        ('[detector.x]\nbase = "confounding_gradient"\nlos = "softmax_bce"\n', "unknown argument(s) los for confounding_gradient"),
+        ('[detector.x]\nbase = "confounding_gradient"\nlos = "softmax_bce"\n',
+         "unknown argument(s) los for confounding_gradient"),
         ('[detector.x]\nbase = "confounding_gradient"\nlabel = "zeros"\n', "unknown label 'zeros'"),
     ],
 )

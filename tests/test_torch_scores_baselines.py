@@ -47,6 +47,7 @@ def fitted(name, case, adversarial=True, **params):
     return detector
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [(1000.0, 0.0014), (1.0, 0.0014), (1.0, 0.0)])
 def test_odin(case, setting):
     model, _, _, clean, adversarial = case

@@ -14,8 +14,8 @@ from advdetect.signatures import features as features_module
 from advdetect.detectors.confounding_gradient import ConfoundingGradient
 from advdetect.detectors.confounding_gradient_agnostic import ConfoundingGradientAgnostic, boundary_step
 from advdetect.detectors.confounding_gradient_oneclass import ConfoundingGradientOneClass
-from advdetect.signatures.features import (confounding_gradient_features, confounding_gradient_torch, per_sample_loop_features,
-                                prediction_instability)
+from advdetect.signatures.features import (confounding_gradient_features, confounding_gradient_torch,
+                                           per_sample_loop_features, prediction_instability)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -133,7 +133,8 @@ EXACT = {
     "paper": lambda: ConfoundingGradient(Cs=(1.0,)),
     "softmax_bce": lambda: ConfoundingGradient(loss="softmax_bce", Cs=(1.0,)),
     "with_outputs": lambda: ConfoundingGradient(with_outputs=True, Cs=(1.0,)),
-    "two_labels_layers": lambda: ConfoundingGradient(label="ones+not_predicted", layers=["conv.*", "head.*"], Cs=(1.0,)),
+    "two_labels_layers": lambda: ConfoundingGradient(label="ones+not_predicted", layers=["conv.*", "head.*"],
+                                                     Cs=(1.0,)),
     "oneclass": lambda: ConfoundingGradientOneClass(),
 }
 

@@ -13,6 +13,7 @@ from advdetect.stages.ood import _photos
 from advdetect.stages.preflight import build_options
 
 
+@pytest.mark.slow
 def test_a_model_on_the_meta_device_is_refused_before_any_work(tmp_path):
     with torch.device("meta"):
         model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
@@ -37,6 +38,7 @@ def test_an_over_long_path_is_one_line_and_exit_2(tmp_path, capsys, command):
     assert not os.path.exists(tmp_path / ("a" * 10))
 
 
+@pytest.mark.slow
 def test_a_suite_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
     name = os.fsdecode(b"suite-\xff.toml")
     (tmp_path / name).write_text('[[attack]]\nname = "fgsm"\neps = [0.1]\n')
@@ -45,11 +47,13 @@ def test_a_suite_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bench_sizes_without_audit_is_refused(capsys):
     assert main(["bench", "--sizes", "8,16"]) == 2
     assert "--sizes is an option of 'bench --audit'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_audit_checks_every_size_before_the_first_runs(tmp_path, capsys):
     assert main(["bench", "--audit", "--sizes", "8,5000", "--detectors", "msp"]) == 2
     err = capsys.readouterr().err
@@ -75,6 +79,7 @@ def test_project_defaults_are_never_read_from_above_the_project_root(tmp_path, m
     assert find_pyproject() == project / "pyproject.toml" and resolve({})[0]["n"] == 12
 
 
+@pytest.mark.slow
 def test_an_unusable_junitxml_target_is_refused_before_the_audit(tmp_path, capsys):
     for target in (tmp_path / ("x" * 300 + ".xml"), tmp_path / "a-file" / "audit.xml"):
         (tmp_path / "a-file").write_text("")
@@ -83,10 +88,12 @@ def test_an_unusable_junitxml_target_is_refused_before_the_audit(tmp_path, capsy
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_detector_variant_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, capsys):
     suite = tmp_path / "greedy.toml"
     suite.write_text('[[attack]]\nname = "fgsm"\neps = [0.1]\n'
-                     '[detector.greedy]\nbase = "confounding_gradient"\nnoise_levels = [0.1]\nnoise_draws = 100000000\n')
+                     '[detector.greedy]\nbase = "confounding_gradient"\n'
+                     'noise_levels = [0.1]\nnoise_draws = 100000000\n')
     assert main(["audit", str(suite), "--detectors", "greedy", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "detector greedy forwards 12800000000 inputs at once" in err and "lower its noise_draws" in err

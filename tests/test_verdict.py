@@ -31,6 +31,7 @@ def test_robust_accuracy_and_its_worst_case_match_a_hand_count():
     assert threat_model("autoattack", {"norm": "L2"}) == "L2" and threat_model("pgd", {}) == "Linf"
 
 
+@pytest.mark.slow
 def test_check_nightly_says_the_same_verdict_in_stdout_results_and_report(tmp_path, capsys):
     code = main(["check", "nightly", "--n", "120", "--detectors", "confounding_gradient_softmax",
                  "--out", str(tmp_path / "run")])
@@ -39,21 +40,25 @@ def test_check_nightly_says_the_same_verdict_in_stdout_results_and_report(tmp_pa
     verdict = results["verdict"]
     assert code == (ExitCode.CHECK_FAILED if verdict["failed"] else ExitCode.OK)
     assert out[-1].startswith(f"{verdict['passed']} passed, {verdict['failed']} failed")
-    assert [f"{c['nodeid']} {c['status']} ({c['message']})" for c in verdict["checks"]] == out[-1 - len(verdict["checks"]):-1]
+    checks = verdict["checks"]
+    assert [f"{c['nodeid']} {c['status']} ({c['message']})" for c in checks] == out[-1 - len(checks):-1]
     html = (tmp_path / "run" / "report.html").read_text()
     status = "FAIL" if verdict["failed"] else "PASS"
-    assert f"<h2>{status}: {verdict['passed']} passed, {verdict['failed']} failed, {verdict['skipped']} skipped</h2>" in html
+    assert (f"<h2>{status}: {verdict['passed']} passed, {verdict['failed']} failed, {verdict['skipped']} skipped</h2>"
+            in html)
     for attack in results["attacks"]:  # robust accuracy = clean accuracy x (1 - success rate) for one attack
         assert attack["robust_accuracy"] == pytest.approx(
             results["clean_accuracy"] * (1 - attack["attack_success_rate"]))
 
 
+@pytest.mark.slow
 def test_a_failing_check_opens_its_report_with_the_failed_checks(tmp_path, capsys):
     suite = tmp_path / "strict.toml"
     suite.write_text('[thresholds]\nmax_attack_success_rate = 0.01\n[[attack]]\nname = "fgsm"\neps = [0.3]\n')
     assert main(["check", str(suite), "--n", "60", "--detectors", "confounding_gradient",
                  "--out", str(tmp_path / "run")]) == ExitCode.CHECK_FAILED
     html = (tmp_path / "run" / "report.html").read_text()
-    assert re.search(r'<section id="verdict" class="verdict fail">\s*<h2>FAIL: 1 passed, 1 failed', html)  # masking passes
+    # the masking check passes
+    assert re.search(r'<section id="verdict" class="verdict fail">\s*<h2>FAIL: 1 passed, 1 failed', html)
     assert "FAILED strict::fgsm[eps=0.3]::attack_success_rate (" in html
     assert '<a href="#key-numbers">Key numbers</a>' in html and "hurts most" in html

@@ -93,7 +93,7 @@ class AutoAttack(torchattacks.attack.Attack):
         for part in (self._reference.apgd_targeted, self._reference.fab):
             part.n_target_classes = min(part.n_target_classes, n_classes - 1)
 
-    def cut_budget(self) -> "AutoAttack":
+    def cut_budget(self) -> AutoAttack:
         """Cut every iteration budget to almost nothing, for the preflight's trial run: each attack of the
         version runs once, with one restart, one target class, 3 iterations (and no averaging over 20 draws for
         'rand') and one Square query."""

@@ -17,7 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,8 +174,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"median of {report['repeats']} (torch {report['torch']})"]
     for name, r in report["models"].items():
         errors = r["max_relative_error_float32"]
-        lines.append(f"\n{name} ({r['parameter_tensors']} parameter tensors); largest relative error in float32 against "
-                     f"the float64 loop: batched {errors['batched']:.1e}, loop {errors['loop']:.1e}")
+        lines.append(f"\n{name} ({r['parameter_tensors']} parameter tensors); largest relative error in float32 "
+                     f"against the float64 loop: batched {errors['batched']:.1e}, loop {errors['loop']:.1e}")
         lines.append(f"  {'method':<18}{'seconds':>9}{'x fwd+bwd':>11}{'speedup vs loop':>17}")
         for method, seconds in r["seconds"].items():
             ratio = r["ratio_to_forward_backward"].get(method)

@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 from advdetect.errors import ExitCode, Terminated, UsageError
 from advdetect.progress import quiet_progress
-from advdetect.config.options import AUDIT_OPTIONS, argparse_type, positive_int, positive_ints, project_defaults, resolve
+from advdetect.config.options import (AUDIT_OPTIONS, argparse_type, positive_int, positive_ints, project_defaults,
+                                      resolve)
 
 log = logging.getLogger("advdetect")
 
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ood.set_defaults(func=cmd_ood)
 
     history = command("history", help="list the audit runs under an output root")
-    history.add_argument("root", type=Path, nargs="?", default=Path("reports"), help="output root (default: %(default)s)")
+    history.add_argument("root", type=Path, nargs="?", default=Path("reports"),
+                         help="output root (default: %(default)s)")
     history.add_argument("--json", action="store_true", help="print the runs as JSON on stdout, for machines")
     history.set_defaults(func=cmd_history)
 
@@ -143,10 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", type=argparse_type(positive_ints), default=None,
                        help="with --audit: comma-separated numbers of audited inputs (default: 64,128,256)")
     add_audit_arguments(bench)
-    bench.add_argument("--models", default="default,resnet18", help="comma-separated: default, resnet18 (default: %(default)s)")
+    bench.add_argument("--models", default="default,resnet18",
+                       help="comma-separated: default, resnet18 (default: %(default)s)")
     bench.add_argument("--batch", type=_positive_int, default=64, help="inputs per measurement (default: %(default)s)")
-    bench.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per method, median kept (default: %(default)s)")
-    bench.add_argument("--methods", default="loop,vmap,batched,forward_backward", help="comma-separated subset (default: all)")
+    bench.add_argument("--repeats", type=_positive_int, default=3,
+                       help="timed runs per method, median kept (default: %(default)s)")
+    bench.add_argument("--methods", default="loop,vmap,batched,forward_backward",
+                       help="comma-separated subset (default: all)")
     bench.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--memory", action="store_true", help="also measure peak memory over 1000 inputs per chunk size")
     bench.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -319,8 +324,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
               "-" if d.after is None else f"{d.after:.3f}", "-" if d.after is None else f"{d.delta:+.3f}",
               "MISSING" if d.after is None else "REGRESSION" if d.regression else ""] for d in differences]
     _print_table(["cell", "detector", "protocol", "metric", "A", "B", "B - A", ""], table)
-    print(f"\n{len(differences) - missing} metrics compared, {regressions - missing} regression(s) of {args.run_b} against "
-          f"{args.run_a}" + (f"; {missing} metric(s) of {args.run_a} missing from {args.run_b}" if missing else ""))
+    print(f"\n{len(differences) - missing} metrics compared, {regressions - missing} regression(s) of {args.run_b} "
+          f"against {args.run_a}"
+          + (f"; {missing} metric(s) of {args.run_a} missing from {args.run_b}" if missing else ""))
     return ExitCode.CHECK_FAILED if regressions else ExitCode.OK
 
 
@@ -455,7 +461,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def print_summary(document: dict) -> None:
     from advdetect.report.document import summary_table
 
-    print(f"clean accuracy {document['clean_accuracy']:.3f} on {document['data']['n']} inputs of {document['data']['spec']}")
+    print(f"clean accuracy {document['clean_accuracy']:.3f} on {document['data']['n']} inputs of "
+          f"{document['data']['spec']}")
     print("AUROC per detector, protocol seen (* best of the row); every protocol is in the report and results.json")
     _print_table(*summary_table(document))
 

@@ -104,4 +104,5 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         raise pytest.UsageError(f"advdetect: suite {suite!r} has no [thresholds] to check")
     audit = _Audit(options, out)
     path = Path(suite).resolve() if Path(suite).is_file() else session.path
-    items.extend(CheckItem.from_parent(session, name=check.nodeid, path=path, check=check, audit=audit) for check in checks)
+    items.extend(CheckItem.from_parent(session, name=check.nodeid, path=path, check=check, audit=audit)
+                 for check in checks)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from advdetect.signatures.passes import PassCost, measure_pass_cost
 from advdetect.stages.pipeline import run_audit
@@ -97,7 +98,8 @@ def format_floors(run: dict[str, Any]) -> list[str]:
     header = ["cell", "forward", "backward", "seconds", "floor (s)", "floor ratio"]
     rows = [[key, _count(cell["forward_passes"]), _count(cell["backward_passes"]), f"{cell['seconds']:.2f}",
              "-" if cell["floor_seconds"] is None else f"{cell['floor_seconds']:.2f}",
-             "-" if cell["floor_ratio"] is None else f"{cell['floor_ratio']:.2f}"] for key, cell in run["cells"].items()]
+             "-" if cell["floor_ratio"] is None else f"{cell['floor_ratio']:.2f}"]
+            for key, cell in run["cells"].items()]
     return lines + _table([header, *rows])
 
 

@@ -443,7 +443,8 @@ def project_defaults(pyproject: Path | None = None) -> tuple[dict[str, Any], Pat
     try:
         document = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{pyproject} is not readable TOML ({exc}); fix it, or run advdetect from another folder") from None
+        raise UsageError(f"{pyproject} is not readable TOML ({exc}); "
+                         "fix it, or run advdetect from another folder") from None
     tool = document.get("tool", {})
     table = tool.get("advdetect", {}) if isinstance(tool, dict) else None
     if not isinstance(table, dict):

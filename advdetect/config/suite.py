@@ -75,7 +75,7 @@ class Thresholds:
     #: of the adaptive rows: the most attacked inputs that may get past classifier and detector
     max_undetected_success_rate: float | None = None
 
-    def override(self, other: "Thresholds") -> "Thresholds":
+    def override(self, other: Thresholds) -> Thresholds:
         return Thresholds(*(o if o is not None else s for s, o in zip(
             (self.detector, self.min_auroc, self.max_attack_success_rate, self.max_undetected_success_rate),
             (other.detector, other.min_auroc, other.max_attack_success_rate, other.max_undetected_success_rate))))
@@ -87,7 +87,8 @@ class Thresholds:
 
     @property
     def empty(self) -> bool:
-        return self.min_auroc is None and self.max_attack_success_rate is None and self.max_undetected_success_rate is None
+        return (self.min_auroc is None and self.max_attack_success_rate is None
+                and self.max_undetected_success_rate is None)
 
 
 def _parse_thresholds(table: object, where: str) -> Thresholds:
@@ -103,7 +104,8 @@ def _parse_thresholds(table: object, where: str) -> Thresholds:
     values = {}
     for key in valid[1:]:
         value = table.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 1):
             raise UsageError(f"{where}: thresholds.{key} must be a number in [0, 1]; got {value!r}")
         values[key] = None if value is None else float(value)
     return Thresholds(detector, **values)
@@ -119,12 +121,14 @@ class AttackSpec:
     thresholds: Thresholds = Thresholds()
 
     def cells(self) -> list[AttackCell]:
-        return [AttackCell(self.attack, self.attack_name, self.strength_name, s, dict(self.params)) for s in self.strengths]
+        return [AttackCell(self.attack, self.attack_name, self.strength_name, s, dict(self.params))
+                for s in self.strengths]
 
     def to_dict(self) -> dict[str, Any]:
         doc = {"id": self.attack, "name": self.attack_name, self.strength_name: list(self.strengths), **self.params}
-        return {**doc, "thresholds": self.thresholds.to_dict()} if not self.thresholds.empty or self.thresholds.detector \
-            else doc
+        if not self.thresholds.empty or self.thresholds.detector:
+            return {**doc, "thresholds": self.thresholds.to_dict()}
+        return doc
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ class Suite:
     def cells(self) -> list[AttackCell]:
         return [cell for spec in self.attacks for cell in spec.cells()]
 
-    def select(self, attack_ids: list[str]) -> "Suite":
+    def select(self, attack_ids: list[str]) -> Suite:
         """Keep only the named attacks (by id), in the suite's order."""
         known = [spec.attack for spec in self.attacks]
         unknown = [a for a in attack_ids if a.lower() not in known]
@@ -244,7 +248,8 @@ class Suite:
 
 
 def builtin_suites() -> list[str]:
-    return sorted(p.name[: -len(".toml")] for p in (resources.files("advdetect.config") / "suites").iterdir() if p.name.endswith(".toml"))
+    folder = resources.files("advdetect.config") / "suites"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def load_suite(ref: str) -> Suite:
@@ -260,7 +265,8 @@ def load_suite(ref: str) -> Suite:
     if "/" not in ref and not ref.endswith(".toml") and builtin.is_file():
         return parse_suite(builtin.read_text(encoding="utf-8"), name=ref, source=f"builtin:{ref}")
     if path.exists():
-        raise UsageError(f"suite {ref!r} is not a file; give a TOML suite file or one of: {', '.join(builtin_suites())}")
+        raise UsageError(f"suite {ref!r} is not a file; give a TOML suite file or one of: "
+                         f"{', '.join(builtin_suites())}")
     raise UsageError(f"suite file {ref!r} not found; give a TOML suite path or one of: {', '.join(builtin_suites())}")
 
 
@@ -288,12 +294,14 @@ def suite_from_document(doc: dict[str, Any], name: str, source: str) -> Suite:
         raise UsageError(f"{source}: 'description' must be a string")
     tables = doc.get("attack")
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
-        raise UsageError(f"{source}: no attacks; add at least one [[attack]] table with a name and one list-valued strength")
+        raise UsageError(f"{source}: no attacks; add at least one [[attack]] table "
+                         "with a name and one list-valued strength")
     specs = [_parse_attack(table, f"{source}: attack #{i + 1}") for i, table in enumerate(tables)]
     ids = [s.attack for s in specs]
     duplicates = sorted({a for a in ids if ids.count(a) > 1})
     if duplicates:
-        raise UsageError(f"{source}: attack {', '.join(duplicates)} appears twice; give each an 'id' = \"...\" of its own")
+        raise UsageError(f"{source}: attack {', '.join(duplicates)} appears twice; "
+                         "give each an 'id' = \"...\" of its own")
     slugs: dict[str, str] = {}
     for cell in (cell for spec in specs for cell in spec.cells()):
         other = slugs.setdefault(cell.slug.lower(), cell.key)
@@ -325,7 +333,8 @@ def _parse_detector(name: str, table: dict[str, Any], where: str) -> DetectorVar
     table = dict(table)
     base = table.pop("base", None)
     if not isinstance(base, str):
-        raise UsageError(f"{where}: missing 'base', the registered detector it varies (one of {', '.join(sorted(DETECTORS))})")
+        raise UsageError(f"{where}: missing 'base', the registered detector it varies (one of "
+                         f"{', '.join(sorted(DETECTORS))})")
     valid = sorted(get_detector(base)().get_params())
     unknown = [k for k in table if k not in valid]
     if unknown:

@@ -107,7 +107,8 @@ def key_findings(document: dict[str, Any]) -> dict[str, Any]:
 THUMBNAILS_PER_ATTACK = 4
 
 
-def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell], sample: dict[str, np.ndarray]) -> dict[str, Thumbnails]:
+def attack_thumbnails(run_dir: Path, info: RunInfo, cells: list[Cell],
+                      sample: dict[str, np.ndarray]) -> dict[str, Thumbnails]:
     """Per attack, inputs of its strongest cell (fooled ones when there are any), seeded."""
     correct = np.flatnonzero(sample["pred"] == sample["y"])
     shape = sample["x"].shape[1:]
@@ -223,7 +224,8 @@ def header_items(info: RunInfo) -> list[tuple[str, str]]:
         ("clean accuracy", f"{info.clean_accuracy:.3f}"),
         ("suite", f"{info.suite['name']} ({info.suite['source']})"),
         ("seed / device", f"{info.seed} / {info.device}"),
-        ("protocols", f"seen, unseen, oneclass: {_split_text(info)}; {info.data.get('n_reference', 0)} clean reference inputs; negatives "
+        ("protocols", f"seen, unseen, oneclass: {_split_text(info)}; {info.data.get('n_reference', 0)} clean "
+                      f"reference inputs; negatives "
                       f"{'clean inputs and noisy copies' if info.noisy_negatives else 'clean inputs'}"),
         ("stage timings", ", ".join(f"{k} {v:.1f} s" for k, v in info.timings.items())
          + ("" if info.attack_cache_hits is None else
@@ -314,9 +316,9 @@ def adaptive_view(info: RunInfo, rows: list[ResultRow], scores: dict[str, np.nda
             "rows": table, "png": adaptive_png(rows, scores), "collapsed": collapsed,
             "note": (f"{spec['method'].capitalize()} PGD ({spec['norm']}, eps {display_strength(spec['eps'])}, "
                      f"{spec['steps']} steps) against each detector with its threshold set to flag 5% of the clean "
-                     f"calibration inputs, beside the suite's oblivious {spec['attack']} at the same budget on the same "
-                     f"test inputs. Undetected success: the share of attacked inputs that are misclassified and not "
-                     f"flagged. Adaptive examples are scored by each detector's own scores, not the differentiable "
+                     f"calibration inputs, beside the suite's oblivious {spec['attack']} at the same budget on the "
+                     f"same test inputs. Undetected success: the share of attacked inputs that are misclassified and "
+                     f"not flagged. Adaptive examples are scored by each detector's own scores, not the differentiable "
                      f"stand-in the attacker used (gradient: exact, or bpda, eot, surrogate where a step is not "
                      f"differentiable).")
             + (f" Collapsed (flags under {COLLAPSE:.0%} of adaptive examples at 5% FPR): {', '.join(collapsed)}."
@@ -367,9 +369,9 @@ def _caption(row: ResultRow) -> str:
 
 
 #: How to read the summary, in both the HTML and the PDF.
-READING_NOTE = ("How to read this: success is the share of correctly classified inputs that the attack fooled (lower is a "
-                "more robust model); robust acc the share of all audited inputs still classified correctly. AUROC is "
-                "the probability that a detector scores a random adversarial input above a random clean one: 0.5 is "
+READING_NOTE = ("How to read this: success is the share of correctly classified inputs that the attack fooled (lower "
+                "is a more robust model); robust acc the share of all audited inputs still classified correctly. AUROC "
+                "is the probability that a detector scores a random adversarial input above a random clean one: 0.5 is "
                 "chance, 1.0 is perfect separation. A dash means the cell had too few adversarial examples to fit or "
                 "score; its reason is under its figure.")
 ROBUST_NOTE = ("Robust accuracy is the share of all audited inputs that the model still classifies correctly under "
@@ -397,7 +399,8 @@ def write_report(run_dir: Path) -> dict[str, Any]:
                                 read_masking(run_dir, info))
     run_trend = trend(run_dir, document) if (run_dir / MANIFEST).is_file() else None
     thumbnails = attack_thumbnails(run_dir, info, cells, sample)
-    view = report_view(info, cells, document, run_trend, thumbnails, adaptive_view(info, adaptive_rows, adaptive_scores))
+    view = report_view(info, cells, document, run_trend, thumbnails,
+                       adaptive_view(info, adaptive_rows, adaptive_scores))
     write_pdf(run_dir / "report.pdf", view)
     write_html(run_dir / "report.html", view)
     info = update_run(run_dir, ("report", time.perf_counter() - started))

@@ -123,7 +123,8 @@ def draw_roc(ax: Axes, record: AttackRecord, rows: Sequence[ResultRow], scores: 
             reasons.append(row.reason or "not scored")
             continue
         fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
-        ax.plot(fpr, tpr, color=_color(detectors, row.detector), linewidth=1.8, label=f"{row.detector} ({row.auroc:.3f})")
+        ax.plot(fpr, tpr, color=_color(detectors, row.detector), linewidth=1.8,
+                label=f"{row.detector} ({row.auroc:.3f})")
     if reasons and len(reasons) == len(rows):
         ax.text(0.5, 0.55, "no ROC:\n" + "\n".join(textwrap.wrap(reasons[0], 38)), ha="center", va="center",
                 fontsize=7, color="0.3", transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.8"})
@@ -148,7 +149,8 @@ def draw_comparison(ax: Axes, cells: CellRows, detectors: list[str]) -> None:
     for name in detectors:
         values = [next((r.auroc for r in rows if r.detector == name and r.protocol == "seen"), None)
                   for _, rows in cells]
-        ax.plot(positions, [np.nan if v is None else v for v in values], marker="o", color=_color(detectors, name), label=name)
+        ax.plot(positions, [np.nan if v is None else v for v in values], marker="o", color=_color(detectors, name),
+                label=name)
     ax.plot(positions, [np.nan if r.attack_success_rate is None else r.attack_success_rate for r in records],
             marker="s", linestyle=":", color="0.35", label="attack success rate")
     ax.axhline(0.5, linestyle="--", color="0.7", linewidth=1)
@@ -171,7 +173,8 @@ def draw_adaptive(fig: Figure, rows: Sequence[ResultRow], scores: Mapping[str, n
         for name, key, style in (("oblivious", "oblivious", "--"), ("adaptive", "adversarial", "-")):
             adversarial = scores[f"{row.detector}__{key}"]
             if len(clean) and len(adversarial):
-                fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
+                fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))],
+                                        np.r_[clean, adversarial])
                 ax.plot(fpr, tpr, style, label=name)
         ax.axvline(0.05, color="#999999", lw=0.6)
         ax.plot([0, 1], [0, 1], ":", color="#bbbbbb", lw=0.6)

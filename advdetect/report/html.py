@@ -12,5 +12,6 @@ from advdetect.run.storage import write_bytes
 
 
 def write_html(path: Path, view: dict[str, Any]) -> None:
-    env = Environment(loader=PackageLoader("advdetect.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=PackageLoader("advdetect.report", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]))
     write_bytes(path, env.get_template("report.html.j2").render(**view).encode())

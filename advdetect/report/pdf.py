@@ -144,8 +144,8 @@ def _comparisons(view: dict[str, Any]) -> list[Flowable]:
                 if best:
                     style.append(("BACKGROUND", (j, i), (j, i), colors.HexColor("#d4edda")))
             rows.append(cells)
-        flow += [_heading(f"protocol {t['protocol']}", f"protocol-{t['protocol']}", H3), _p(t["description"] + ".", NOTE),
-                 _table(rows, widths, extra=style)]
+        flow += [_heading(f"protocol {t['protocol']}", f"protocol-{t['protocol']}", H3),
+                 _p(t["description"] + ".", NOTE), _table(rows, widths, extra=style)]
     return flow
 
 

@@ -168,7 +168,8 @@ def evaluate(check: Check, results: dict[str, Any]) -> Outcome:
     row = next((r for r in results["results"] if r["attack"] == check.attack and r["strength"] == check.strength
                 and r["detector"] == check.detector and r["protocol"] == PROTOCOL), None)
     if row is None:
-        return Outcome(check, FAILED, None, f"detector {check.detector} did not run, so the threshold cannot be evaluated")
+        return Outcome(check, FAILED, None,
+                       f"detector {check.detector} did not run, so the threshold cannot be evaluated")
     if row["auroc"] is None:
         return Outcome(check, SKIPPED, None, row["reason"])
     value = row["auroc"]
@@ -208,4 +209,6 @@ def junit_xml(suite: str, verdict: Verdict, seconds: float) -> bytes:
             ElementTree.SubElement(case, "failure", message=outcome.message).text = outcome.line
         elif outcome.status == SKIPPED:
             ElementTree.SubElement(case, "skipped", message=outcome.message)
-    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+    # typeshed gives tostring() with a named encoding Any (encoding="unicode" returns str); "utf-8" returns bytes
+    xml: bytes = ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+    return xml

@@ -31,14 +31,15 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from advdetect.errors import DamagedRunFolder, UsageError
-from advdetect.run.records import AttackRecord, Record, ResultRow, RunInfo, cell_key, cell_slug, json_preview, ood_cell_key, \
-    ood_cell_slug
+from advdetect.run.records import (AttackRecord, Record, ResultRow, RunInfo, cell_key, cell_slug, json_preview,
+                                   ood_cell_key, ood_cell_slug)
 from advdetect.run.storage import load_arrays, read_json, write_json
 
 RUN_JSON = "run.json"
@@ -409,7 +410,8 @@ def cell_arrays(run_dir: Path, record: AttackRecord, n_correct: int, image_shape
                 info: RunInfo | None = None) -> dict[str, np.ndarray]:
     """A cell's ``x_adv`` and ``fooled``, one row per correctly classified input."""
     _, path = cell_paths(run_dir, record.slug)
-    arrays = read_arrays(bound(run_dir, path, info), {"x_adv": ("f", (n_correct, *image_shape)), "fooled": ("b", (n_correct,))})
+    arrays = read_arrays(bound(run_dir, path, info),
+                         {"x_adv": ("f", (n_correct, *image_shape)), "fooled": ("b", (n_correct,))})
     if int(arrays["fooled"].sum()) != record.n_fooled:
         raise damaged(path, f"it marks {int(arrays['fooled'].sum())} inputs fooled, its record {record.n_fooled}")
     return arrays

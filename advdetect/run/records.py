@@ -8,8 +8,11 @@ import functools
 import hashlib
 import re
 import typing
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 RESULTS_SCHEMA = 1
 #: Detection protocols, in the order results list them (see :mod:`advdetect.stages.detect`).
@@ -104,6 +107,11 @@ class Record:
     #: 0.1, no ``true`` for 1), finite numbers only; keys a record does not know are ignored
     __pydantic_config__: ClassVar[dict[str, Any]] = {"strict": True, "allow_inf_nan": False}
 
+    if TYPE_CHECKING:
+        #: set by ``@dataclass`` on each record class; declared so that type checkers take a record for
+        #: the dataclass it is (``asdict``, ``fields``)
+        __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
         """Strict fields, but the record itself read from a JSON object (pydantic's strict mode
@@ -114,10 +122,10 @@ class Record:
         return schema
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any):  # type: ignore[no-untyped-def]
+    def from_dict(cls, data: Any) -> Self:
         """The record from its JSON form; ValueError naming the first field that is missing or of
         the wrong type. Keys it does not know are ignored (written by a newer version). The values
         are kept as read (an integral strength stays an int, so a file read and written back is
@@ -128,15 +136,16 @@ class Record:
         from pydantic import ValidationError
 
         try:
-            validator(cls).validate_python(data)
+            # mypy takes a class object for unhashable (python/mypy#11470); functools.cache hashes it fine
+            validator(cls).validate_python(data)  # type: ignore[arg-type]
         except ValidationError as exc:
             first = exc.errors()[0]  # in field order, as the declarations list them
-            name = first["loc"][0]
+            name = str(first["loc"][0])  # a field's name: the record is validated as a whole
             if first["type"] == "missing":
                 raise ValueError(f"the field {name!r} is missing") from None
             hint = typing.get_type_hints(cls)[name]
             raise ValueError(f"the field {name!r} is {json_preview(data[name])}, not {_hint_text(hint)}") from None
-        record = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # type: ignore[arg-type]
+        record = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
         record.check()
         return record
 
@@ -273,7 +282,8 @@ class AttackRecord(Record):
             raise ValueError(f"the field 'slug' is {json_preview(self.slug)}, not a plain file name")
         if not 0 <= self.n_fooled <= self.n_attacked:
             raise ValueError(f"n_fooled {self.n_fooled} is not between 0 and n_attacked {self.n_attacked}")
-        _fractions(self, ("attack_success_rate", "robust_accuracy", "robust_accuracy_ci_low", "robust_accuracy_ci_high"))
+        _fractions(self, ("attack_success_rate", "robust_accuracy", "robust_accuracy_ci_low",
+                          "robust_accuracy_ci_high"))
 
 
 @dataclass
@@ -285,7 +295,7 @@ class OodRecord(AttackRecord):
 
     @classmethod
     def for_set(cls, name: str, spec: str, index: int, *, seed: int, n_clean: int, n_inputs: int,
-                seconds: float) -> "OodRecord":
+                seconds: float) -> OodRecord:
         return cls(key=ood_cell_key(name), slug=ood_cell_slug(name), attack=OOD, attack_name=OOD,
                    strength_name="set", strength=float(index), params={"set": name, "spec": spec}, seed=seed,
                    n_attacked=n_clean, n_fooled=n_inputs, attack_success_rate=None, mean_linf=None, max_linf=None,
@@ -342,7 +352,8 @@ class ResultRow(Record):
             raise ValueError("a row without AUROC gives no reason")
         if None not in (self.auroc, self.auroc_ci_low, self.auroc_ci_high) and not \
                 self.auroc_ci_low - 1e-9 <= self.auroc <= self.auroc_ci_high + 1e-9:  # type: ignore[operator]
-            raise ValueError(f"the AUROC {self.auroc} lies outside its interval [{self.auroc_ci_low}, {self.auroc_ci_high}]")
+            raise ValueError(f"the AUROC {self.auroc} lies outside its interval "
+                             f"[{self.auroc_ci_low}, {self.auroc_ci_high}]")
 
 
 #: A threshold check's outcome (see :mod:`advdetect.run.checks`).

@@ -25,9 +25,10 @@ import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, Iterator
+from typing import Any
 
 
 def _import_torchvision() -> None:

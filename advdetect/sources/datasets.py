@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import gzip
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +95,8 @@ def _default(arg: str, options: DataOptions) -> _Source:
     from advdetect.sources.embedded import test_split
 
     x, y = test_split()
-    return _in_memory(x.numpy(), y.numpy(), {"source": "the embedded MNIST test split (1000 digits, disjoint from training)"})
+    return _in_memory(x.numpy(), y.numpy(),
+                      {"source": "the embedded MNIST test split (1000 digits, disjoint from training)"})
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -330,7 +332,8 @@ def _sample(source: _Source, kind: str, spec: str, options: DataOptions) -> Data
         if options.n < 1:
             raise UsageError(f"--n must be at least 1; got {options.n}")
         if options.n > len(labels):
-            raise UsageError(f"--n {options.n} asks for more inputs than data {spec!r} holds ({len(labels)}); lower --n")
+            raise UsageError(f"--n {options.n} asks for more inputs than data {spec!r} holds ({len(labels)}); "
+                             "lower --n")
         index = stratified_indices(labels, options.n, options.seed)
     else:
         index = np.arange(len(labels))

@@ -43,7 +43,8 @@ class SmallCNN(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
 
         self.features = nn.Sequential(*block(1, width), *block(width, 2 * width), *block(2 * width, 2 * width))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 3 * 3, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 3 * 3, 128), nn.ReLU(),
+                                        nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -92,7 +93,8 @@ def mnist_splits() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
     x = x.astype(np.uint8).reshape(-1, 28, 28)
     y = y.astype(np.int64)
     rng = np.random.default_rng(SPLIT_SEED)
-    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:TEST_PER_CLASS] for c in range(NUM_CLASSES)]))
+    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:TEST_PER_CLASS]
+                                   for c in range(NUM_CLASSES)]))
     train = np.setdiff1d(np.arange(len(y)), test)
     return (x[train], y[train]), (x[test], y[test])
 

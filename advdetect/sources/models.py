@@ -23,10 +23,11 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,9 +65,10 @@ class ModelOptions:
                 "model_dir": self.model_dir, "mean": self.mean and list(self.mean), "std": self.std and list(self.std)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelOptions":
-        return cls(weights=data["weights"], dataset=Dataset(data["dataset"]), threat_model=ThreatModel(data["threat_model"]),
-                   model_dir=data["model_dir"], mean=data["mean"] and tuple(data["mean"]), std=data["std"] and tuple(data["std"]))
+    def from_dict(cls, data: dict[str, Any]) -> ModelOptions:
+        return cls(weights=data["weights"], dataset=Dataset(data["dataset"]),
+                   threat_model=ThreatModel(data["threat_model"]), model_dir=data["model_dir"],
+                   mean=data["mean"] and tuple(data["mean"]), std=data["std"] and tuple(data["std"]))
 
 
 @dataclass
@@ -136,7 +138,8 @@ def _robustbench(name: str, options: ModelOptions) -> nn.Module:
     try:
         utils = robustbench_utils()
     except ModuleNotFoundError as exc:
-        raise UsageError(f"robustbench is not installed ({exc}); install it with: pip install \"advdetect[robustbench]\"") from None
+        raise UsageError(f"robustbench is not installed ({exc}); "
+                         "install it with: pip install \"advdetect[robustbench]\"") from None
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel as RBThreatModel
 

@@ -40,8 +40,8 @@ from advdetect.stages.distributed import current_world
 from advdetect.run.metrics import FPR_BUDGET, detection_metrics, threshold_at_fpr
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.run.records import ADAPTIVE, AttackRecord, ResultRow, derive_seed
-from advdetect.run.folder import COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files, reference_arrays, \
-    sample_arrays, set_stage, update_run
+from advdetect.run.folder import (COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files,
+                                  reference_arrays, sample_arrays, set_stage, update_run)
 from advdetect.run.splits import fit_rounds
 from advdetect.run.storage import save_arrays, write_json
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ class World:
     def map_chunks(self, n_rows: int, chunk: int, compute: Callable[[int, slice], T]) -> T | None:
         """``compute(index, rows)`` for this rank's chunks, then every chunk from every rank, in
         order, concatenated on every rank (None when there are no rows)."""
-        mine = {index: compute(index, slice(index * chunk, (index + 1) * chunk)) for index in self.chunks(n_rows, chunk)}
+        mine = {index: compute(index, slice(index * chunk, (index + 1) * chunk))
+                for index in self.chunks(n_rows, chunk)}
         if self.size > 1:
             gathered: list[dict[int, Any]] = [{} for _ in range(self.size)]
             dist.all_gather_object(gathered, mine)

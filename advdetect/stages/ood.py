@@ -83,14 +83,15 @@ def ood_inputs(spec: str, clean: torch.Tensor, seed: int) -> torch.Tensor:
     if spec == "uniform":
         return torch.from_numpy(rng.random((n, *shape), dtype=np.float32))
     if spec == "corrupted":
-        return (clean + CORRUPTION_SIGMA * torch.from_numpy(rng.standard_normal(clean.shape, dtype=np.float32))).clamp(0, 1)
+        noise = torch.from_numpy(rng.standard_normal(clean.shape, dtype=np.float32))
+        return (clean + CORRUPTION_SIGMA * noise).clamp(0, 1)
     if spec == "photos":
         return _photos(n, shape, rng)
     if spec == "digits":
         return _digits(n, shape, rng)
     if ":" not in spec:
-        raise UsageError(f"unknown out-of-distribution set {spec!r}; give one of {', '.join(BUILTIN_SETS)} or a data spec "
-                         f"such as npz:FILE or folder:DIR")
+        raise UsageError(f"unknown out-of-distribution set {spec!r}; give one of {', '.join(BUILTIN_SETS)} or a data "
+                         f"spec such as npz:FILE or folder:DIR")
     data = load_data(spec, DataOptions(seed=seed))
     picks = rng.permutation(len(data.y))[:n]
     return _fit(data.x[torch.from_numpy(np.sort(picks))], shape)

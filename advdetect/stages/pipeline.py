@@ -30,8 +30,9 @@ from advdetect.stages.preflight import AuditOptions, Prepared, package_versions,
 from advdetect.progress import Progress, no_progress
 from advdetect.run.records import RunInfo
 from advdetect.report.document import write_report
-from advdetect.run.folder import COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new, json_sha256, \
-    locked, read_attack_records, read_run, record_files, set_stage, update_run, write_manifest
+from advdetect.run.folder import (COMPLETE, ERROR_LOG, RUN_JSON, RUNNING, check_creatable, claim, claim_new,
+                                  json_sha256, locked, read_attack_records, read_run, record_files, set_stage,
+                                  update_run, write_manifest)
 from advdetect.run.storage import save_arrays, user_cache_dir, write_bytes, write_json
 
 log = logging.getLogger("advdetect")

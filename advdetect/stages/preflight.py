@@ -193,9 +193,9 @@ def prepare(options: AuditOptions) -> Prepared:
     loaded.module.to(device).eval()
     logits = check_compatible(loaded.module, sample, device, options.batch_size)
     if sample.info["n_reference"] < MIN_REFERENCE:
-        raise UsageError(f"data {options.data_label!r} holds {sample.info['n_available']} inputs: after the {len(sample.y)} "
-                         f"audited ones only {sample.info['n_reference']} remain for the clean reference set, and "
-                         f"detectors need at least {MIN_REFERENCE}; lower --n")
+        raise UsageError(f"data {options.data_label!r} holds {sample.info['n_available']} inputs: after the "
+                         f"{len(sample.y)} audited ones only {sample.info['n_reference']} remain for the clean "
+                         f"reference set, and detectors need at least {MIN_REFERENCE}; lower --n")
     loaded.info["num_classes"] = int(logits.shape[1])
     for name, detector in zip(names, detectors):
         try:
