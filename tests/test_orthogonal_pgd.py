@@ -121,3 +121,47 @@ def test_from_the_oblivious_example_it_never_does_worse_than_that_example():
     assert bool((undetected(adaptive) | ~undetected(oblivious)).all())  # every evasion of the start is kept
     assert undetected(adaptive).float().mean() >= undetected(oblivious).float().mean()
     assert (confidence_score(adaptive)[fooled] <= confidence_score(oblivious)[fooled] + 1e-6).all()
+
+
+@pytest.mark.parametrize("method", ["selective", "combined"])
+def test_one_backward_pass_gives_the_weighted_sum_of_the_two_gradients(tiny_model, tiny_inputs, method):
+    """The selective and combined directions come from one backward pass of the weighted objectives;
+    they equal the weighted sum of the cross-entropy's and the score's gradients taken apart."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    score = lambda x: torch.softmax(tiny_model(x), 1).amax(1)  # MSP-like: runs the model on x itself
+    threshold = float(score(tiny_inputs).detach().median())
+    attack = OrthogonalPGD(tiny_model, eps=0.1, alpha=0.01, steps=1, method=method, lam=0.7,
+                           score=score, threshold=threshold if method == "selective" else None)
+    adv = tiny_inputs.clone().requires_grad_(True)
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    scores, logits = attack._scores_and_logits(adv)
+    handle.remove()
+    assert len(calls) == 1 and torch.equal(logits, tiny_model(tiny_inputs))  # the score's own forward pass
+    assert logits.grad_fn is not None
+    direction = attack._gradient(adv, logits, labels, scores)
+
+    x = tiny_inputs.clone().requires_grad_(True)
+    g_c = torch.autograd.grad(nn.functional.cross_entropy(tiny_model(x), labels, reduction="sum"), x)[0]
+    g_d = -torch.autograd.grad(score(x).sum(), x)[0]
+    if method == "combined":
+        expected = g_c + 0.7 * g_d
+    else:
+        with torch.no_grad():
+            correct = (tiny_model(x).argmax(1) == labels).float().view(-1, 1, 1, 1)
+            flagged = (score(x) >= threshold).float().view(-1, 1, 1, 1)
+        assert 0 < correct.sum() and 0 < flagged.sum() < len(x)
+        expected = g_c * correct + g_d * flagged
+    torch.testing.assert_close(direction, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_score_that_does_not_run_the_model_on_the_input_gets_the_classifiers_own_logits(tiny_model, tiny_inputs):
+    shifted = lambda x: torch.softmax(tiny_model(x + 0.0), 1).amax(1)  # runs the model on a copy only
+    attack = OrthogonalPGD(tiny_model, eps=0.1, alpha=0.01, steps=1, score=shifted)
+    adv = tiny_inputs.clone().requires_grad_(True)
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    _, logits = attack._scores_and_logits(adv)
+    handle.remove()
+    assert len(calls) == 2  # the score's pass on the copy, then the classifier's own
+    torch.testing.assert_close(logits, tiny_model(tiny_inputs))

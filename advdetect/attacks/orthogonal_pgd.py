@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torchattacks.attack import Attack
@@ -111,27 +112,56 @@ class OrthogonalPGD(Attack):
         best_score = torch.full((len(adv),), float("inf"), dtype=torch.float64, device=adv.device)
         for step in range(self.steps + 1):
             adv.requires_grad = True
-            logits = self.get_logits(adv)
-            scores = self.score(adv)
+            scores, logits = self._scores_and_logits(adv)
             fooled = logits.detach().argmax(1) != labels
             better = fooled & (scores.detach().double() < best_score)
             best[better], best_score[better] = adv.detach()[better], scores.detach().double()[better]
             if step == self.steps:  # the last iterate is judged, not moved
                 break
-            g_c = torch.autograd.grad(loss(logits, labels) * len(adv), adv)[0]  # per input, not averaged
-            g_d = -torch.autograd.grad(scores.sum(), adv)[0]  # the direction that lowers the score
-            adv = self._step(adv, images, self._direction(g_c, g_d, logits.detach(), labels, scores.detach()))
+            adv = self._step(adv, images, self._gradient(adv, logits, labels, scores))
         return torch.where(torch.isfinite(best_score).view(-1, *[1] * (adv.ndim - 1)), best, adv.detach())
 
-    def _direction(self, g_c: torch.Tensor, g_d: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                   scores: torch.Tensor) -> torch.Tensor:
-        shape = (-1, *[1] * (g_c.ndim - 1))
+    def _scores_and_logits(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The detector's scores of ``adv`` and the classifier's logits. A detector that runs the model
+        on ``adv`` itself (the gradient signatures, MSP, Energy) has computed the logits already: they
+        are taken from that forward pass, in the graph, so the classifier is neither run nor
+        backpropagated through twice."""
+        seen: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            # only the model as the attack sees it: in eval mode, on adv itself, in adv's graph
+            if args and args[0] is adv and not module.training and output.requires_grad:
+                seen.append(output)
+
+        plain = self._normalization_applied is not False  # get_logits would normalize first otherwise
+        handle = self.model.register_forward_hook(keep) if plain else None
+        try:
+            scores = self.score(adv)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return scores, (seen[-1] if seen else self.get_logits(adv))
+
+    def _gradient(self, adv: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                  scores: torch.Tensor) -> torch.Tensor:
+        """This step's direction, from the cross-entropy's gradient ``g_c`` (per input, not averaged)
+        and ``g_d``, the gradient that lowers the score. The selective and combined directions are
+        per-input weighted sums of the two, and the model treats inputs independently, so one
+        backward pass of the weighted sum of the objectives gives them; the orthogonal one needs both."""
+        per_input = nn.functional.cross_entropy(logits, labels, reduction="none")
         if self.method == "combined":
-            return g_c + self.lam * g_d
+            return torch.autograd.grad(per_input.sum() - self.lam * scores.sum(), adv)[0]
         if self.method == "selective":
-            correct = (logits.argmax(1) == labels).to(g_c.dtype).view(shape)
-            flagged = (scores >= self.threshold).to(g_c.dtype).view(shape)
-            return g_c * correct + g_d * flagged
+            correct = (logits.detach().argmax(1) == labels).to(per_input.dtype)
+            flagged = (scores.detach() >= self.threshold).to(scores.dtype)
+            return torch.autograd.grad((per_input * correct).sum() - (scores * flagged).sum(), adv)[0]
+        g_c = torch.autograd.grad(per_input.sum(), adv, retain_graph=True)[0]
+        g_d = -torch.autograd.grad(scores.sum(), adv)[0]
+        return self._direction(g_c, g_d, logits.detach(), labels)
+
+    def _direction(self, g_c: torch.Tensor, g_d: torch.Tensor, logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+        shape = (-1, *[1] * (g_c.ndim - 1))
         # crossed with a margin, as the paper's code: the true logit raised by `margin` still loses
         raised = logits.clone()
         raised[torch.arange(len(labels)), labels] += self.margin
