@@ -320,6 +320,7 @@ def test_damaged_run_folder_is_one_line_naming_the_file(command, relative, damag
     assert not (audited_copy.parent / "escape").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "strength as text"])
 def test_compare_names_a_damaged_results_file(damage, audited_copy, audited, capsys):
     path = audited_copy / "results.json"
@@ -333,6 +334,7 @@ def test_compare_names_a_damaged_results_file(damage, audited_copy, audited, cap
     one_line_error(capsys, f"damaged run folder: {path}: ")
 
 
+@pytest.mark.slow
 def test_history_skips_a_damaged_manifest_with_a_warning(audited_copy, audited, capsys, caplog):
     root = audited_copy.parent
     shutil.copytree(audited, root / "other")
@@ -392,6 +394,7 @@ def test_detect_refuses_a_model_whose_forward_changed(workdir, capsys):
     one_line_error(capsys, "has the audited weights but computes other logits")
 
 
+@pytest.mark.slow
 def test_strengths_that_print_alike_keep_their_own_cells(workdir):
     (workdir / "tiny.toml").write_text('[[attack]]\nname = "fgsm"\neps = [0.3, 0.30000001]\n')
     assert main(tiny_audit("--out", "run")) == ExitCode.OK
@@ -401,6 +404,7 @@ def test_strengths_that_print_alike_keep_their_own_cells(workdir):
     assert {r["strength"] for r in results["results"]} == {0.3, 0.30000001}
 
 
+@pytest.mark.slow
 def test_user_strings_render_literally_in_the_figures(workdir):
     shutil.copy(workdir / "tiny.toml", workdir / "a$x^2$b.toml")
     assert main(tiny_audit("--out", "run", suite="a$x^2$b.toml")) == ExitCode.OK
@@ -410,6 +414,7 @@ def test_user_strings_render_literally_in_the_figures(workdir):
 # --- exit codes ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_internal_error_is_exit_3_with_the_traceback_saved(workdir, monkeypatch, capsys):
     import advdetect.stages.pipeline
 

@@ -49,6 +49,7 @@ def test_it_is_registered_and_checks_its_settings(tiny_model):
         OrthogonalPGD(tiny_model, method="selective", score=roughness)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm, eps, method, least", [("Linf", 0.2, "orthogonal", 0.5), ("L2", 1.0, "orthogonal", 0.7),
                                                       ("L2", 1.0, "selective", 0.6), ("L2", 1.0, "combined", 0.3)])
 def test_it_evades_a_differentiable_detector_that_catches_pgd(norm, eps, method, least):

@@ -101,6 +101,7 @@ def test_lid(case):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["kd_bu", "lid"])
 def test_gradient_matches_finite_differences(case, name):
     """For the exact/eot kinds the gradient is that of the score itself: a central difference

@@ -17,6 +17,9 @@ from advdetect.detectors.confounding_gradient_oneclass import ConfoundingGradien
 from advdetect.signatures.features import (confounding_gradient_features, confounding_gradient_torch,
                                            per_sample_loop_features, prediction_instability)
 
+# double backpropagation through the signatures of several architectures, in float64: seconds each
+pytestmark = pytest.mark.slow
+
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((actual.detach() - expected).abs() / expected.abs().clamp_min(1e-300)).max())
