@@ -8,7 +8,8 @@ import inspect
 import math
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Iterable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Iterable
 
 from advdetect.detectors.base import COUNT, POSITIVE, Bounds, Detector, SignatureFunction
 from advdetect.errors import UsageError
@@ -54,7 +55,8 @@ def _check_scalar(cls: type[Detector], name: str, value: object, default: object
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):
-            raise ValueError(f"{name} must be {'true or false' if isinstance(default, bool) else 'a string'}; got {value!r}")
+            wanted = "true or false" if isinstance(default, bool) else "a string"
+            raise ValueError(f"{name} must be {wanted}; got {value!r}")
         return
     if isinstance(default, int) and not (number and isinstance(value, int)):
         raise ValueError(f"{name} must be a whole number; got {value!r}")
@@ -78,7 +80,7 @@ class DetectorVariant:
         return {"base": self.base, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}}
 
     @classmethod
-    def from_dict(cls, name: str, table: dict[str, Any]) -> "DetectorVariant":
+    def from_dict(cls, name: str, table: dict[str, Any]) -> DetectorVariant:
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k != "base"}
         return cls(name=name, base=table["base"], params=params)
 
@@ -99,5 +101,6 @@ def build_detector(name: str, variants: Iterable[DetectorVariant] = ()) -> Detec
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DETECTORS", "Bounds", "Detector", "DetectorVariant", "SignatureFunction", "build_detector", "check_params", "suite_variants", "get_detector",
+__all__ = ["DETECTORS", "Bounds", "Detector", "DetectorVariant", "SignatureFunction", "build_detector", "check_params",
+           "suite_variants", "get_detector",
            "register_detector"]

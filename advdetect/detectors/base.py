@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -123,7 +124,8 @@ class Detector(BaseEstimator, ABC):
         audit can refuse settings that cannot fit in memory before any work."""
         return batch_size
 
-    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> "Detector":
+    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *,
+                batch_size: int = 64) -> Detector:
         """Fit model-space state on clean reference inputs with their labels."""
         return self
 
@@ -142,7 +144,7 @@ class Detector(BaseEstimator, ABC):
         one block, the whole signature."""
         return [(self.signature_key(), self.signatures)]
 
-    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Detector":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> Detector:
         """Fit on signatures of clean and (optionally) adversarial inputs. When both have the same
         length, rows with the same index are a (clean, adversarial) pair of one source input."""
         return self
@@ -227,7 +229,8 @@ class Detector(BaseEstimator, ABC):
         raise NotImplementedError(f"{self.name} has no differentiable score")
 
 
-def as_tensors(data: Inputs, *, batch_size: int = 64, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def as_tensors(data: Inputs, *, batch_size: int = 64, ordered: bool = False) -> tuple[torch.Tensor,
+                                                                                      torch.Tensor | None]:
     """``data`` (any of :data:`Inputs`) as one tensor of inputs on the CPU and one of labels (None
     when it has none), in its order; a ``Dataset`` is read through a ``DataLoader`` of ``batch_size``.
     ``ordered``: the order matters (scores, or (clean, adversarial) pairs, follow it), so a
@@ -237,7 +240,8 @@ def as_tensors(data: Inputs, *, batch_size: int = 64, ordered: bool = False) -> 
     if isinstance(data, Dataset):
         data = DataLoader(data, batch_size=batch_size)
     if not isinstance(data, DataLoader):
-        raise TypeError(f"inputs must be a tensor, an (x, y) pair, a Dataset or a DataLoader; got {type(data).__name__}")
+        raise TypeError("inputs must be a tensor, an (x, y) pair, a Dataset or a DataLoader; "
+                        f"got {type(data).__name__}")
     if ordered and isinstance(data.sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
         raise ValueError("this DataLoader shuffles, but its order matters here (scores, or (clean, adversarial) pairs, "
                          "follow it): pass one with shuffle=False")
@@ -281,7 +285,8 @@ def require_adversarial(detector: Detector, clean: np.ndarray, adversarial: np.n
         raise ValueError(f"{detector.name} is supervised: fit it with clean and adversarial signatures")
     n = min(len(clean), len(adversarial))
     if n < 2:
-        raise ValueError(f"need at least 2 clean and 2 adversarial inputs to fit; got {len(clean)} and {len(adversarial)}")
+        raise ValueError("need at least 2 clean and 2 adversarial inputs to fit; "
+                         f"got {len(clean)} and {len(adversarial)}")
     return adversarial
 
 

@@ -37,7 +37,8 @@ from __future__ import annotations
 import functools
 import inspect
 from fnmatch import fnmatch
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,8 +51,9 @@ from advdetect.detectors import register_detector
 from advdetect.detectors.base import DEFAULT_CS, Detector, SignatureFunction, fit_logistic, logistic_torch, \
     require_adversarial
 from advdetect.signatures.inference import batched_logits
-from advdetect.signatures.features import LABELS, LOSSES, NORMS, confounding_gradient_features, confounding_gradient_torch, \
-    eval_with_grads, parameter_names, prediction_instability, prediction_instability_torch
+from advdetect.signatures.features import (LABELS, LOSSES, NORMS, confounding_gradient_features,
+                                           confounding_gradient_torch, eval_with_grads, parameter_names,
+                                           prediction_instability, prediction_instability_torch)
 
 # Gradient norms span many orders of magnitude; exact zeros (a parameter the loss does not
 # reach) are floored instead of becoming -inf.
@@ -156,7 +158,8 @@ class ConfoundingSignatures(Detector):
                            functools.partial(_instability, levels=tuple(self.noise_levels), draws=self.noise_draws)))
         return blocks
 
-    def _gradient_norms(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64, label: str) -> np.ndarray:
+    def _gradient_norms(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64,
+                        label: str) -> np.ndarray:
         features = confounding_gradient_features(model, inputs, batch_size=batch_size, label=label, loss=self.loss,
                                                  norm=self.norm)
         return features.numpy()[:, self._kept(model)]
@@ -207,7 +210,7 @@ class ConfoundingGradient(ConfoundingSignatures):
         self.Cs = Cs
         self.cv = cv
 
-    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradient":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> ConfoundingGradient:
         adversarial = require_adversarial(self, clean, adversarial)
         self.pipeline_: Pipeline
         self.pipeline_, self.C_, _ = fit_logistic(clean, adversarial, Cs=self.Cs, cv=self.cv,

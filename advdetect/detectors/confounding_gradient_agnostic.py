@@ -25,7 +25,8 @@ and DeepFool-to-any-class are the attacks it has no relative of.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -104,9 +105,11 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
 
     def __init__(self, model: nn.Module | None = None, label: str = "ones", loss: str = "softmax_bce",
                  norm: str = "l2sq", layers: Sequence[str] = (), with_outputs: bool = False,
-                 noise_levels: Sequence[float] = (0.02, 0.08), noise_draws: int = 8, epsilons: Sequence[float] = (0.005, 0.015, 0.05, 0.15),
+                 noise_levels: Sequence[float] = (0.02, 0.08), noise_draws: int = 8,
+                 epsilons: Sequence[float] = (0.005, 0.015, 0.05, 0.15),
                  iterative_epsilons: Sequence[float] = (0.015, 0.05), iterative_steps: int = 5,
-                 overshoot: float = 0.2, boundary_steps: int = 10, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5) -> None:
+                 overshoot: float = 0.2, boundary_steps: int = 10, Cs: Sequence[float] = DEFAULT_CS,
+                 cv: int = 5) -> None:
         super().__init__(model, label, loss, norm, layers, with_outputs, noise_levels, noise_draws, Cs, cv)
         self.epsilons = epsilons
         self.iterative_epsilons = iterative_epsilons
@@ -127,7 +130,7 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
         return candidates[fooled]
 
     def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *,
-                batch_size: int = 64) -> "ConfoundingGradientAgnostic":
+                batch_size: int = 64) -> ConfoundingGradientAgnostic:
         correct = batched_logits(model, reference, batch_size).argmax(dim=1) == labels
         clean, clean_labels = reference[correct], labels[correct]
         adversarial = self.self_made(model, clean, clean_labels, batch_size=batch_size)
@@ -140,7 +143,7 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
         self.n_self_made_ = len(adversarial)
         return self
 
-    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradientAgnostic":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> ConfoundingGradientAgnostic:
         """Fitted in :meth:`prepare`, on its own adversarial examples; nothing is learned from these."""
         check_is_fitted(self, "pipeline_")
         return self

@@ -24,7 +24,7 @@ from advdetect.detectors.confounding_gradient import ConfoundingSignatures, log_
 class ConfoundingGradientOneClass(ConfoundingSignatures):
     name = "confounding_gradient_oneclass"
 
-    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ConfoundingGradientOneClass":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> ConfoundingGradientOneClass:
         if len(clean) < 2:
             raise ValueError(f"need at least 2 clean inputs to fit; got {len(clean)}")
         features = log_features(clean)

@@ -5,7 +5,8 @@ Kernel density (KD): the log Gaussian kernel density of the penultimate features
 clean reference inputs of the predicted class. Bayesian uncertainty (BU): the variance of
 Monte Carlo dropout predictions, ``mean_t |p_t|^2 - |mean_t p_t|^2``. The paper's networks
 have dropout layers; to work on any model, dropout (p = 0.5, seeded) is applied here to the
-penultimate features feeding the final linear layer, with the same 50 masks for every input. A logistic regression on the
+penultimate features feeding the final linear layer, with the same 50 masks for every input. A
+logistic regression on the
 standardized (KD, BU) pair detects, as in the paper; the kernel bandwidth, which the paper
 fixes per dataset, is chosen on the calibration split from multiples of the median distance
 between reference features. Needs adversarial examples to fit.
@@ -13,7 +14,8 @@ between reference features. Needs adversarial examples to fit.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +25,8 @@ from torch import nn
 
 from advdetect.signatures.activations import final_linear, penultimate, recording
 from advdetect.detectors import register_detector
-from advdetect.detectors.base import (DEFAULT_CS, NON_NEGATIVE, Bounds, Detector, best_by_cv, fit_logistic, logistic_torch,
+from advdetect.detectors.base import (DEFAULT_CS, NON_NEGATIVE, Bounds, Detector, best_by_cv, fit_logistic,
+                                      logistic_torch,
                                      require_adversarial)
 
 
@@ -52,7 +55,7 @@ class KernelDensityBayesianUncertainty(Detector):
         self.seed = seed
 
     def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *,
-                batch_size: int = 64) -> "KernelDensityBayesianUncertainty":
+                batch_size: int = 64) -> KernelDensityBayesianUncertainty:
         _, features = penultimate(model, reference, batch_size)
         self.reference_ = features
         self.reference_labels_ = labels.clone()
@@ -102,7 +105,7 @@ class KernelDensityBayesianUncertainty(Detector):
         return np.asarray(signatures)[:, [j, len(self.bandwidth_factors)]]
 
     def fit_signatures(self, clean: np.ndarray,
-                       adversarial: np.ndarray | None = None) -> "KernelDensityBayesianUncertainty":
+                       adversarial: np.ndarray | None = None) -> KernelDensityBayesianUncertainty:
         check_is_fitted(self, "reference_")
         adversarial = require_adversarial(self, clean, adversarial)
         candidates = {j: fit_logistic(self._pair(clean, j), self._pair(adversarial, j), Cs=self.Cs, cv=self.cv)

@@ -12,7 +12,8 @@ Needs adversarial examples to fit.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class LID(Detector):
         return layer_activations(model, feature_layers(model, self.num_layers), inputs, batch_size, pooled=False,
                                  penultimate_of=final_linear(model))
 
-    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> "LID":
+    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> LID:
         if len(reference) <= max(self.ks):
             raise Unavailable(f"lid needs more than k={max(self.ks)} reference inputs; got {len(reference)}")
         self.reference_ = [a.float() for a in self._activations(model, reference, batch_size)]
@@ -76,7 +77,7 @@ class LID(Detector):
         width = len(self.reference_)
         return np.asarray(signatures)[:, j * width : (j + 1) * width]
 
-    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "LID":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> LID:
         check_is_fitted(self, "reference_")
         adversarial = require_adversarial(self, clean, adversarial)
         candidates = {j: fit_logistic(self._k_block(clean, j), self._k_block(adversarial, j), Cs=self.Cs, cv=self.cv)

@@ -18,7 +18,8 @@ distances, without noise.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from sklearn.covariance import LedoitWolf
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.signatures.activations import (counting_calls, feature_layers, final_linear, forward_until, layer_activations,
+from advdetect.signatures.activations import (counting_calls, feature_layers, final_linear, forward_until,
+                                              layer_activations,
                                    pool, recording)
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import DEFAULT_CS, NON_NEGATIVE, Detector, best_by_cv, fit_logistic, logistic_torch
@@ -50,7 +52,8 @@ class Mahalanobis(Detector):
     def _layers(self, model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
         return feature_layers(model, self.num_layers), final_linear(model)
 
-    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> "Mahalanobis":
+    def prepare(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor, *,
+                batch_size: int = 64) -> Mahalanobis:
         layers, last = self._layers(model)
         activations = layer_activations(model, layers, reference, batch_size, penultimate_of=last)
         labels = labels.numpy()
@@ -105,14 +108,15 @@ class Mahalanobis(Detector):
         width = len(self.means_)
         return np.asarray(signatures)[:, k * width : (k + 1) * width]
 
-    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "Mahalanobis":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> Mahalanobis:
         check_is_fitted(self, "means_")
         if adversarial is None:
             self.noise_index_, self.pipeline_ = 0, None
             block = self._noise_block(clean, 0)
             self.center_, self.scale_ = block.mean(axis=0), block.std(axis=0) + 1e-12
             return self
-        candidates = {k: fit_logistic(self._noise_block(clean, k), self._noise_block(adversarial, k), Cs=self.Cs, cv=self.cv)
+        candidates = {k: fit_logistic(self._noise_block(clean, k), self._noise_block(adversarial, k), Cs=self.Cs,
+                                      cv=self.cv)
                       for k in range(len(self.noises))}
         self.noise_index_, self.pipeline_, self.C_ = best_by_cv(candidates)
         return self

@@ -13,7 +13,8 @@ adversarial examples. Fitted on clean inputs only, it keeps the paper's CIFAR-10
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class ODIN(Detector):
                              f"epsilon={DEFAULT_SETTING[1]:g}")
         return odin_scores(model, inputs, self.temperatures, self.epsilons, batch_size)
 
-    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> "ODIN":
+    def fit_signatures(self, clean: np.ndarray, adversarial: np.ndarray | None = None) -> ODIN:
         grid = self._grid()
         if adversarial is None:
             self.column_ = grid.index(DEFAULT_SETTING)

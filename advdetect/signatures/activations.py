@@ -4,7 +4,7 @@ LID, KD+BU, GradNorm): which layers to read on an arbitrary model, and batched c
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -72,7 +72,8 @@ def recording(modules: list[nn.Module], *, inputs_of: nn.Module | None = None) -
     """Within the block, each forward stores the output of ``modules[i]`` under key ``i``, and the
     input of ``inputs_of`` under key ``len(modules)``."""
     captured: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)) for i, m in enumerate(modules)]
+    handles = [m.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)) for i,
+               m in enumerate(modules)]
     if inputs_of is not None:
         handles.append(inputs_of.register_forward_pre_hook(lambda m, a: captured.__setitem__(len(modules), a[0])))
     try:
@@ -86,7 +87,8 @@ class _Reached(Exception):
     """Raised by a hook to end a forward pass once the layer it waits for has run."""
 
 
-def forward_until(model: nn.Module, x: torch.Tensor, module: nn.Module, *, before: bool = False, calls: int = 1) -> None:
+def forward_until(model: nn.Module, x: torch.Tensor, module: nn.Module, *, before: bool = False,
+                  calls: int = 1) -> None:
     """Run ``model`` on ``x`` only as far as the ``calls``-th run of ``module`` (its output, or
     with ``before`` its input): hooks recording that layer see what a whole forward pass would
     give them (the last of its runs, when ``calls`` is how often a whole pass runs it), for less."""

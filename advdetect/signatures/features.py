@@ -27,7 +27,8 @@ import inspect
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,8 @@ def per_sample_loop_features(model: nn.Module, inputs: torch.Tensor, batch_size:
             for x in inputs[start : start + batch_size].to(device):
                 value = confounding_loss(model(x.unsqueeze(0)), label, loss).sum()
                 grads = torch.autograd.grad(value, params, allow_unused=True)
-                rows.append(torch.stack([reduce(g) if g is not None else torch.zeros((), dtype=torch.float64, device=device)
+                zero = torch.zeros((), dtype=torch.float64, device=device)
+                rows.append(torch.stack([reduce(g) if g is not None else zero
                                          for g in grads]).cpu())
     return torch.stack(rows) if rows else torch.zeros(0, len(list(model.parameters())), dtype=torch.float64)
 
@@ -675,7 +677,7 @@ def _couples_inputs(model: nn.Module) -> bool:
 
 #: Per model, the layers whose captured activations a later in-place operation changes (found
 #: once, by a rerun of the first chunk), so later calls copy them from the start.
-_NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, set[int]]" = weakref.WeakKeyDictionary()
+_NEEDS_COPIES: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
 
 
 def confounding_gradient_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64, *, label: str = "ones",

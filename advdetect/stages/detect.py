@@ -36,21 +36,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector, suite_variants
+from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector
 from advdetect.stages.distributed import current_world
 from advdetect.errors import Unavailable
 from advdetect.run.metrics import bootstrap_auroc_ci, detection_metrics
 from advdetect.progress import Progress, no_progress, progress
 from advdetect.run.records import PROTOCOLS, AttackRecord, ResultRow, RunInfo, derive_seed
 from advdetect.run.splits import fit_rounds
-from advdetect.run.folder import COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files, reference_arrays, \
-    sample_arrays, set_stage, update_run
+from advdetect.run.folder import (COMPLETE, RUNNING, cell_arrays, computed_from, read_run, record_files,
+                                  reference_arrays, sample_arrays, set_stage, update_run)
 from advdetect.run.storage import save_arrays, write_json
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
     seconds: dict[str, float] = {}
     detectors = prepare_detectors(info, model, inputs, signatures, seconds)
     source = unseen_source(records)
-    work = [(name, protocol, cell) for name, detector in detectors.items() for protocol in protocols_of(detector.detector)
+    work = [(name, protocol, cell)
+            for name, detector in detectors.items() for protocol in protocols_of(detector.detector)
             for cell in inputs.cells if not (protocol == "unseen" and cell.record is source)]
     rows: list[ResultRow] = []
     scores: dict[str, dict[str, np.ndarray]] = {r.key: {} for r in records}
@@ -100,7 +101,7 @@ class StageInputs:
     cells: list[Cell]
 
     @classmethod
-    def read(cls, run_dir: Path, info: RunInfo, records: list[AttackRecord]) -> "StageInputs":
+    def read(cls, run_dir: Path, info: RunInfo, records: list[AttackRecord]) -> StageInputs:
         sample = sample_arrays(run_dir)
         image_shape = sample["x"].shape[1:]
         reference = reference_arrays(run_dir, image_shape)
@@ -280,7 +281,8 @@ class Signatures:
         among the ranks of a distributed audit."""
         key = (detector.signature_key(), what)
         if key not in self.store:
-            blocks = [self._block(block_key, compute, what, inputs) for block_key, compute in detector.signature_blocks()]
+            blocks = [self._block(block_key, compute, what, inputs)
+                      for block_key, compute in detector.signature_blocks()]
             self.store[key] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
         return self.store[key]
 
@@ -318,7 +320,8 @@ class Cell:
         x_adv = torch.from_numpy(self._x_adv[self._pairs])
         noisy = None
         if self.noisy:
-            noisy = noisy_copies(self.clean_inputs[self._pairs], x_adv, derive_seed(self.seed, "noise", self.record.key))
+            seed = derive_seed(self.seed, "noise", self.record.key)
+            noisy = noisy_copies(self.clean_inputs[self._pairs], x_adv, seed)
         return x_adv, noisy
 
     def _rows(self, signatures: Signatures, detector: Detector, what: str) -> np.ndarray:
