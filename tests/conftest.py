@@ -41,4 +41,14 @@ def tiny_inputs() -> torch.Tensor:
     return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than shared among threads, more so on a busy machine;
+    modules of tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 pytest_plugins = ["pytester"]

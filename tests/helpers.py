@@ -26,3 +26,22 @@ def results_without_timings(run_dir: Path) -> dict:
         attack.pop("seconds")
         attack.pop("forward_passes"), attack.pop("backward_passes")  # costs, like seconds: none on a cache hit
     return results
+
+
+def small_mlp(seed: int, n_classes: int = 4):
+    """A seeded 64-32-``n_classes`` tanh MLP on 1x8x8 inputs, in eval mode, leaving the global RNG alone."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, n_classes)).eval()
+
+
+def inputs_labelled_by(model, n: int, seed: int):
+    """``n`` seeded 1x8x8 inputs in [0.2, 0.8] and the labels ``model`` gives them (all correct)."""
+    import torch
+
+    x = 0.2 + 0.6 * torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return x, model(x).argmax(1)

@@ -5,6 +5,8 @@ import torch
 import torchattacks
 from torch import nn
 
+from helpers import inputs_labelled_by, small_mlp
+
 from advdetect.attacks import get_attack
 from advdetect.attacks.cw import CW
 
@@ -13,16 +15,12 @@ N_CLASSES = 4
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, N_CLASSES)).eval()
+    return small_mlp(7, N_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def data(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    x = 0.2 + 0.6 * torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        return x, model(x).argmax(1)
+    return inputs_labelled_by(model, 32, 7)
 
 
 def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

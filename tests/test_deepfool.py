@@ -17,13 +17,7 @@ from advdetect.config.suite import parse_suite
 N_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Inputs this small take longer to share among threads than to compute, more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

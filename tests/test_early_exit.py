@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import inputs_labelled_by, small_mlp
+
 from advdetect.attacks.autoattack import AutoAttack
 from advdetect.attacks.cw import CW
 from advdetect.attacks.deepfool import DeepFool
@@ -14,26 +16,17 @@ from advdetect.signatures.passes import PassCounter
 N_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(24)
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, N_CLASSES)).eval()
+    return small_mlp(24, N_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def data(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    x = 0.2 + 0.6 * torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(24))
-    with torch.no_grad():
-        return x, model(x).argmax(1)
+    return inputs_labelled_by(model, 24, 24)
 
 
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
