@@ -32,6 +32,8 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
+from advdetect.signatures.activations import PlainForward
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -94,6 +96,14 @@ class Detector(BaseEstimator, ABC):
     #: :meth:`fit` uses adversarial examples when it gets them (to tune or to combine features),
     #: so the result depends on which attack it saw: the ``unseen`` protocol applies.
     uses_adversarial: ClassVar[bool] = False
+    #: :meth:`fit_signatures` on clean signatures alone learns from them. False where such a fit
+    #: learns nothing (fixed scores, a setting fixed in advance, a fit made in :meth:`prepare`): an
+    #: audit then computes no signatures for it and passes an empty array.
+    learns_from_clean: ClassVar[bool] = True
+    #: :meth:`signatures` reads one plain forward pass (no gradients) and nothing else: the logits
+    #: and the penultimate features. :meth:`forward_signatures` computes them from that pass, which
+    #: an audit then makes once for all such detectors.
+    plain_forward_only: ClassVar[bool] = False
     #: The numeric hyperparameters whose bounds differ from a count's (at least 1) or a real
     #: number's (positive); suites are checked against them before any work.
     bounds: ClassVar[dict[str, Bounds]] = {"cv": Bounds(2)}
@@ -132,6 +142,12 @@ class Detector(BaseEstimator, ABC):
     @abstractmethod
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         """Per-input signatures, shape [N, D], of an eval-mode model taking inputs in [0, 1]."""
+
+    def forward_signatures(self, model: nn.Module, forward: PlainForward) -> np.ndarray:
+        """:meth:`signatures` of the inputs of ``forward``, a plain forward pass over them
+        (:func:`~advdetect.signatures.activations.plain_forward` at the same batch size), for a
+        detector that is :attr:`plain_forward_only`."""
+        raise NotImplementedError(f"{self.name} reads more than one plain forward pass")
 
     def signature_key(self) -> tuple:
         """Detectors with equal keys compute equal signatures, so an audit computes them once."""
@@ -309,12 +325,13 @@ def fit_logistic(clean: np.ndarray, adversarial: np.ndarray, *, Cs: Sequence[flo
     scores = np.full((len(Cs), n_splits), np.nan)
     with threadpool_limits(1, user_api="blas"), sklearn.config_context(skip_parameter_validation=True):
         for fold, (train, test) in enumerate(GroupKFold(n_splits).split(transformed, labels, groups)):
+            if len(np.unique(labels[test])) < 2:  # no AUROC: NaN, as GridSearchCV's error_score, and no fit
+                continue
             scaler = StandardScaler().fit(transformed[train])
             x_train, x_test = scaler.transform(transformed[train]), scaler.transform(transformed[test])
             for i, C in enumerate(Cs):
                 model = LogisticRegression(C=C, max_iter=5000).fit(x_train, labels[train])
-                if len(np.unique(labels[test])) == 2:  # else NaN, as GridSearchCV's error_score
-                    scores[i, fold] = rank_auroc(labels[test], x_test @ model.coef_[0] + model.intercept_[0])
+                scores[i, fold] = rank_auroc(labels[test], x_test @ model.coef_[0] + model.intercept_[0])
         means = scores.mean(axis=1)
         best = int(np.nanargmax(means)) if not np.isnan(means).all() else 0
         pipeline = make_pipeline(*prefix, StandardScaler(), LogisticRegression(C=Cs[best], max_iter=5000))

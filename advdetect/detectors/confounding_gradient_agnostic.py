@@ -49,19 +49,35 @@ def sign_gradient_step(model: nn.Module, inputs: torch.Tensor, labels: torch.Ten
     """``clip(x + epsilon * sign(grad_x CE(model(x), y)))``, batch by batch, on the CPU; with
     ``steps`` > 1, that many steps of ``2.5 * epsilon / steps`` each, projected back into the
     L-infinity ball of radius ``epsilon`` around ``x`` (BIM's iteration, Kurakin et al. 2017)."""
+    return sign_gradient_steps(model, inputs, labels, [(epsilon, steps)], batch_size)[0]
+
+
+def sign_gradient_steps(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                        runs: Sequence[tuple[float, int]], batch_size: int = 64) -> list[torch.Tensor]:
+    """:func:`sign_gradient_step` for each ``(epsilon, steps)`` of ``runs``: the first step of
+    every run starts from the same gradient, at the inputs, computed once per batch for all."""
     device = model_device(model)
-    out = []
-    step = epsilon if steps == 1 else 2.5 * epsilon / steps
+    out: list[list[torch.Tensor]] = [[] for _ in runs]
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
-        moved = x
-        for _ in range(steps):
-            moved = moved.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(F.cross_entropy(model(moved), y, reduction="sum"), moved)
-            moved = torch.min(torch.max(moved + step * grad.sign(), x - epsilon), x + epsilon).clamp(0, 1)
-        out.append(moved.detach().cpu())
-    return torch.cat(out) if out else inputs.clone()
+        first = _cross_entropy_sign(model, x, y)
+        for parts, (epsilon, steps) in zip(out, runs):
+            step = epsilon if steps == 1 else 2.5 * epsilon / steps
+            moved, sign = x, first
+            for i in range(steps):
+                if i:
+                    sign = _cross_entropy_sign(model, moved, y)
+                moved = torch.min(torch.max(moved + step * sign, x - epsilon), x + epsilon).clamp(0, 1)
+            parts.append(moved.detach().cpu())
+    return [torch.cat(parts) if parts else inputs.clone() for parts in out]
+
+
+def _cross_entropy_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sign of the input gradient of the summed cross-entropy."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return grad.sign()
 
 
 def boundary_step(model: nn.Module, inputs: torch.Tensor, overshoot: float, steps: int = 3,
@@ -100,6 +116,7 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
     name = "confounding_gradient_agnostic"
     needs_adversarial = False
     uses_adversarial = False
+    learns_from_clean = False  # fitted in prepare, on its own adversarial examples
     bounds = {**ConfoundingGradient.bounds, "epsilons": NON_NEGATIVE, "iterative_epsilons": NON_NEGATIVE,
               "boundary_steps": NON_NEGATIVE}
 
@@ -120,9 +137,9 @@ class ConfoundingGradientAgnostic(ConfoundingGradient):
     def self_made(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
                   batch_size: int = 64) -> torch.Tensor:
         """Its own adversarial examples of ``inputs``: every step of the mix, those that change the prediction."""
-        moved = [sign_gradient_step(model, inputs, labels, eps, batch_size) for eps in self.epsilons if eps > 0]
-        moved += [sign_gradient_step(model, inputs, labels, eps, batch_size, steps=self.iterative_steps)
-                  for eps in self.iterative_epsilons if eps > 0]
+        runs = [(eps, 1) for eps in self.epsilons if eps > 0]
+        runs += [(eps, self.iterative_steps) for eps in self.iterative_epsilons if eps > 0]
+        moved = sign_gradient_steps(model, inputs, labels, runs, batch_size) if runs else []
         if self.boundary_steps:
             moved.append(boundary_step(model, inputs, self.overshoot, self.boundary_steps, batch_size))
         candidates = torch.cat(moved)

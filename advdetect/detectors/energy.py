@@ -13,19 +13,24 @@ from torch import nn
 
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import Detector
-from advdetect.signatures.inference import batched_logits
+from advdetect.signatures.activations import PlainForward, plain_forward
 
 
 @register_detector
 class EnergyScore(Detector):
     name = "energy"
+    learns_from_clean = False
+    plain_forward_only = True
 
     def __init__(self, model: nn.Module | None = None, temperature: float = 1.0) -> None:
         self.model = model
         self.temperature = temperature
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
-        logits = batched_logits(model, inputs, batch_size).double()
+        return self.forward_signatures(model, plain_forward(model, inputs, batch_size))
+
+    def forward_signatures(self, model: nn.Module, forward: PlainForward) -> np.ndarray:
+        logits = forward.logits.double()
         return (-self.temperature * torch.logsumexp(logits / self.temperature, dim=1)).numpy()[:, None]
 
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdetect.signatures.activations import final_linear, penultimate, recording
+from advdetect.signatures.activations import PlainForward, final_linear, plain_forward, recording
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import Detector
 
@@ -23,14 +23,18 @@ from advdetect.detectors.base import Detector
 @register_detector
 class GradNorm(Detector):
     name = "gradnorm"
+    learns_from_clean = False
+    plain_forward_only = True
 
     def __init__(self, model: nn.Module | None = None, temperature: float = 1.0) -> None:
         self.model = model
         self.temperature = temperature
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
-        logits, features = penultimate(model, inputs, batch_size)
-        return self._norms(logits, features).numpy()[:, None]
+        return self.forward_signatures(model, plain_forward(model, inputs, batch_size))
+
+    def forward_signatures(self, model: nn.Module, forward: PlainForward) -> np.ndarray:
+        return self._norms(forward.logits.double(), forward.penultimate()).numpy()[:, None]
 
     def _norms(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         probabilities = torch.softmax(logits / self.temperature, dim=1)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from advdetect.signatures.activations import final_linear, penultimate, recording
+from advdetect.signatures.activations import PlainForward, final_linear, penultimate, plain_forward, recording
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import (DEFAULT_CS, NON_NEGATIVE, Bounds, Detector, best_by_cv, fit_logistic,
                                       logistic_torch,
@@ -32,8 +32,12 @@ from advdetect.detectors.base import (DEFAULT_CS, NON_NEGATIVE, Bounds, Detector
 
 def log_kernel_density(features: torch.Tensor, reference: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """Mean Gaussian kernel ``exp(-|x - r|^2 / bandwidth^2)`` over the reference rows, as a log (per input)."""
-    squared = torch.cdist(features, reference).pow(2)
-    return torch.logsumexp(-squared / bandwidth**2, dim=1) - np.log(len(reference))
+    return _log_mean_kernel(torch.cdist(features, reference).pow(2), bandwidth)
+
+
+def _log_mean_kernel(squared: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """:func:`log_kernel_density` from the squared distances [N, R] to the reference rows."""
+    return torch.logsumexp(-squared / bandwidth**2, dim=1) - np.log(squared.shape[1])
 
 
 @register_detector
@@ -41,6 +45,7 @@ class KernelDensityBayesianUncertainty(Detector):
     name = "kd_bu"
     needs_adversarial = True
     uses_adversarial = True
+    plain_forward_only = True
     bounds = {**Detector.bounds, "dropout": Bounds(0, below=1), "seed": NON_NEGATIVE}
 
     def __init__(self, model: nn.Module | None = None, bandwidth_factors: Sequence[float] = (0.25, 0.5, 1.0),
@@ -66,8 +71,11 @@ class KernelDensityBayesianUncertainty(Detector):
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         check_is_fitted(self, "reference_")
-        logits, features = penultimate(model, inputs, batch_size)
-        return self._columns(model, logits, features, self.bandwidth_factors).numpy()
+        return self.forward_signatures(model, plain_forward(model, inputs, batch_size))
+
+    def forward_signatures(self, model: nn.Module, forward: PlainForward) -> np.ndarray:
+        check_is_fitted(self, "reference_")
+        return self._columns(model, forward.logits.double(), forward.penultimate(), self.bandwidth_factors).numpy()
 
     def _columns(self, model: nn.Module, logits: torch.Tensor, features: torch.Tensor,
                  factors: Sequence[float]) -> torch.Tensor:
@@ -75,14 +83,15 @@ class KernelDensityBayesianUncertainty(Detector):
         penultimate features (float64, on any device; differentiable in the features)."""
         predicted = logits.argmax(dim=1)
         reference, reference_labels = self.reference_.to(features.device), self.reference_labels_.to(features.device)
-        columns = []
-        for factor in factors:
-            density = torch.full((len(features),), -np.inf, dtype=torch.float64, device=features.device)
-            for c in predicted.unique():
-                rows, same_class = predicted == c, reference[reference_labels == c]
-                if len(same_class):
-                    density[rows] = log_kernel_density(features[rows], same_class, factor * self.median_distance_)
-            columns.append(density.clamp(min=-1e6))
+        densities = [torch.full((len(features),), -np.inf, dtype=torch.float64, device=features.device)
+                     for _ in factors]
+        for c in predicted.unique():
+            rows, same_class = predicted == c, reference[reference_labels == c]
+            if len(same_class):
+                squared = torch.cdist(features[rows], same_class).pow(2)  # once for every bandwidth
+                for density, factor in zip(densities, factors):
+                    density[rows] = _log_mean_kernel(squared, factor * self.median_distance_)
+        columns = [density.clamp(min=-1e6) for density in densities]
         columns.append(self._uncertainty(model, features))
         return torch.stack(columns, dim=1)
 
@@ -93,11 +102,15 @@ class KernelDensityBayesianUncertainty(Detector):
         # which other inputs share its batch (or, in a distributed audit, its rank).
         generator = torch.Generator().manual_seed(self.seed)
         keep = torch.rand((self.dropout_samples, features.shape[1]), generator=generator, dtype=torch.float64)
+        # every mask's features at once ((x / (1 - p)) * m equals (x * m) / (1 - p) for a 0/1 mask m),
+        # one linear layer per mask, then one softmax for all: row by row, the same numbers
+        masked = (features / (1 - self.dropout)).unsqueeze(0) * (keep >= self.dropout).to(features.device).unsqueeze(1)
+        probs = torch.softmax(torch.stack([F.linear(rows, weight, bias) for rows in masked]), dim=2)
+        squares = probs.pow(2).sum(dim=2)
         first, second = 0.0, 0.0
-        for mask in (keep >= self.dropout).to(features.device):
-            probs = torch.softmax(F.linear(features * mask / (1 - self.dropout), weight, bias), dim=1)
-            first = first + probs.pow(2).sum(dim=1)
-            second = second + probs
+        for sample in range(self.dropout_samples):  # summed in mask order
+            first = first + squares[sample]
+            second = second + probs[sample]
         mean = second / self.dropout_samples
         return first / self.dropout_samples - mean.pow(2).sum(dim=1)
 

@@ -82,27 +82,52 @@ class Mahalanobis(Detector):
         check_is_fitted(self, "means_")
         layers, last = self._layers(model)
         device = model_device(model)
+        count = len(self.means_)
+        same_fit = {(i, j) for j in range(count) for i in range(j) if self._same_gaussian(i, j)}
         out = []
         with recording(layers, inputs_of=last) as captured:
             for start in range(0, len(inputs), batch_size):
                 x = inputs[start : start + batch_size].to(device)
-                columns = [[] for _ in self.noises]
+                columns: list[list[torch.Tensor]] = [[] for _ in self.noises]
                 x_grad = x.clone().requires_grad_(True)
                 with counting_calls(layers, inputs_of=last) as calls:
                     model(x_grad)  # one forward pass reads every layer; each gets its own backward pass
-                clean = [self._read(layer, captured) for layer in range(len(self.means_))]
-                for layer, confidence in enumerate(clean):
-                    (grad,) = torch.autograd.grad(confidence.sum(), x_grad, retain_graph=layer + 1 < len(clean))
+                twins = self._twins(captured, calls, same_fit)
+                clean = {layer: self._read(layer, captured) for layer in range(count) if layer not in twins}
+                last_read = max(clean)
+                for layer in range(count):
+                    if layer in twins:
+                        for noise_columns in columns:
+                            noise_columns.append(noise_columns[twins[layer]])
+                        continue
+                    confidence = clean[layer]
+                    (grad,) = torch.autograd.grad(confidence.sum(), x_grad, retain_graph=layer < last_read)
                     read = (layers + [last])[layer]  # the noisy copies need the model only up to this layer
                     with torch.no_grad():
+                        step = grad.sign()
                         for k, noise in enumerate(self.noises):
                             if noise:
-                                forward_until(model, x + noise * grad.sign(), read, before=read is last,
-                                              calls=calls[layer])
+                                forward_until(model, x + noise * step, read, before=read is last, calls=calls[layer])
                                 confidence = self._read(layer, captured)
                             columns[k].append(confidence.detach().cpu())
                 out.append(torch.stack([c for noise_columns in columns for c in noise_columns], dim=1))
         return torch.cat(out).numpy()
+
+    def _same_gaussian(self, i: int, j: int) -> bool:
+        return torch.equal(self.means_[i], self.means_[j]) and torch.equal(self.precisions_[i], self.precisions_[j])
+
+    @staticmethod
+    def _twins(captured: dict[int, torch.Tensor], calls: list[int], same_fit: set[tuple[int, int]]) -> dict[int, int]:
+        """Each layer that read the very tensor an earlier layer read, under the same Gaussian, mapped
+        to that layer: the penultimate features, say, when the last hidden layer read feeds the final
+        linear layer. Its confidences, gradient and noisy copies are that layer's, computed once."""
+        twins: dict[int, int] = {}
+        for j in range(len(calls)):
+            twin = next((i for i in range(j) if i not in twins and (i, j) in same_fit and captured[i] is captured[j]
+                         and calls[i] == calls[j]), None)
+            if twin is not None:
+                twins[j] = twin
+        return twins
 
     def _noise_block(self, signatures: np.ndarray, k: int) -> np.ndarray:
         width = len(self.means_)

@@ -13,16 +13,20 @@ from torch import nn
 
 from advdetect.detectors import register_detector
 from advdetect.detectors.base import Detector
-from advdetect.signatures.inference import batched_logits
+from advdetect.signatures.activations import PlainForward, plain_forward
 
 
 @register_detector
 class MaxSoftmax(Detector):
     name = "msp"
+    learns_from_clean = False
+    plain_forward_only = True
 
     def signatures(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
-        probabilities = torch.softmax(batched_logits(model, inputs, batch_size).double(), dim=1)
-        return probabilities.max(dim=1).values.numpy()[:, None]
+        return self.forward_signatures(model, plain_forward(model, inputs, batch_size))
+
+    def forward_signatures(self, model: nn.Module, forward: PlainForward) -> np.ndarray:
+        return torch.softmax(forward.logits.double(), dim=1).max(dim=1).values.numpy()[:, None]
 
     def score_samples(self, signatures: np.ndarray) -> np.ndarray:
         return -np.asarray(signatures)[:, 0]

@@ -38,7 +38,7 @@ def odin_scores(model: nn.Module, inputs: torch.Tensor, temperatures: Sequence[f
     out = []
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device)
-        columns = []
+        moved = []  # the logits of every (T, epsilon), T-major
         x_grad = x.clone().requires_grad_(True)
         logits = model(x_grad)  # one forward pass for every temperature, and the epsilon = 0 column
         predicted = logits.argmax(dim=1)
@@ -46,11 +46,12 @@ def odin_scores(model: nn.Module, inputs: torch.Tensor, temperatures: Sequence[f
             loss = F.cross_entropy(logits / temperature, predicted, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_grad, retain_graph=i + 1 < len(temperatures))
             with torch.no_grad():
-                for epsilon in epsilons:
-                    moved = model(x - epsilon * grad.sign()) if epsilon else logits.detach()
-                    probs = torch.softmax(moved.double() / temperature, dim=1)
-                    columns.append(probs.max(dim=1).values.cpu())
-        out.append(torch.stack(columns, dim=1))
+                step = grad.sign()
+                moved += [model(x - epsilon * step) if epsilon else logits.detach() for epsilon in epsilons]
+        with torch.no_grad():  # one softmax for every column: row by row, the same numbers as one per column
+            scale = torch.tensor([t for t in temperatures for _ in epsilons], dtype=torch.float64, device=device)
+            probs = torch.softmax(torch.stack(moved).double() / scale.view(-1, 1, 1), dim=2)
+            out.append(probs.max(dim=2).values.T.cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(temperatures) * len(epsilons)))
 
 
@@ -58,6 +59,7 @@ def odin_scores(model: nn.Module, inputs: torch.Tensor, temperatures: Sequence[f
 class ODIN(Detector):
     name = "odin"
     uses_adversarial = True
+    learns_from_clean = False  # without adversarial examples: the paper's setting
     bounds = {**Detector.bounds, "epsilons": NON_NEGATIVE}
 
     def __init__(self, model: nn.Module | None = None, temperatures: Sequence[float] = (1.0, 10.0, 100.0, 1000.0),

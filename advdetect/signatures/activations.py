@@ -4,6 +4,7 @@ LID, KD+BU, GradNorm): which layers to read on an arbitrary model, and batched c
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from collections.abc import Iterator
 
 import numpy as np
@@ -125,16 +126,46 @@ def counting_calls(modules: list[nn.Module], *, inputs_of: nn.Module) -> Iterato
             h.remove()
 
 
-def penultimate(model: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, penultimate features) on the CPU, float64; no gradients."""
-    last = final_linear(model)
+@dataclass
+class PlainForward:
+    """What one plain forward pass (no gradients) over a set of inputs gives, on the CPU: the logits
+    [N, C] as the model returns them, and the penultimate features [N, D] (the final linear layer's
+    input, flattened, float64) where the model has a final linear layer that hooks can read."""
+
+    logits: torch.Tensor
+    features: torch.Tensor | None
+    #: why there are no penultimate features
+    missing: str = ""
+
+    def penultimate(self) -> torch.Tensor:
+        """The penultimate features; :class:`~advdetect.errors.Unavailable` if the model has none."""
+        if self.features is None:
+            raise Unavailable(self.missing)
+        return self.features
+
+
+def plain_forward(model: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> PlainForward:
+    """The logits and penultimate features of ``inputs``, in batches of ``batch_size``; no
+    gradients. No inputs give [0, C] and [0, D], from the model run on the empty batch."""
+    try:
+        last: nn.Module | None = final_linear(model)
+        missing = ""
+    except Unavailable as exc:  # the logits alone, of any model (TorchScript too)
+        last, missing = None, str(exc)
     device = model_device(model)
     logits, features = [], []
     with torch.no_grad(), recording([], inputs_of=last) as captured:
-        for start in range(0, len(inputs), batch_size):
-            logits.append(model(inputs[start : start + batch_size].to(device)).double().cpu())
-            features.append(captured[0].flatten(1).double().cpu())
-    return torch.cat(logits), torch.cat(features)
+        for start in range(0, max(len(inputs), 1), batch_size):
+            logits.append(model(inputs[start : start + batch_size].to(device)).cpu())
+            if last is not None:
+                features.append(captured[0].flatten(1).double().cpu())
+    return PlainForward(torch.cat(logits), torch.cat(features) if last is not None else None, missing)
+
+
+def penultimate(model: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, penultimate features) on the CPU, float64; no gradients."""
+    forward = plain_forward(model, inputs, batch_size)
+    return forward.logits.double(), forward.penultimate()
 
 
 def layer_activations(model: nn.Module, layers: list[nn.Module], inputs: torch.Tensor, batch_size: int = 128, *,

@@ -24,7 +24,10 @@ Each detector goes through the calls of a standalone one (:meth:`~advdetect.dete
 and :meth:`~advdetect.detectors.Detector.predict` on inputs): :meth:`~advdetect.detectors.Detector.prepare`
 on the reference inputs, then :meth:`~advdetect.detectors.Detector.fit_signatures` and
 :meth:`~advdetect.detectors.Detector.score_samples` on signatures, which the stage computes once per
-input set and signature block (:class:`Signatures`) instead of once per fit.
+input set and signature block (:class:`Signatures`) instead of once per fit. Detectors that read one
+plain forward pass share it (:attr:`~advdetect.detectors.Detector.plain_forward_only`), a fit that
+learns nothing from clean signatures gets none (:attr:`~advdetect.detectors.Detector.learns_from_clean`),
+and the ``unseen`` rows reuse the ``seen`` fit on their source cell.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 from torch import nn
 
 from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector
+from advdetect.signatures.activations import PlainForward, plain_forward
 from advdetect.stages.distributed import current_world
 from advdetect.errors import Unavailable
 from advdetect.run.metrics import bootstrap_auroc_ci, detection_metrics
@@ -80,7 +84,8 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
         on_progress("detect", f"{name}, {protocol}, {cell.record.key}", done, len(work))
         fit_cell = inputs.cell(source) if protocol == "unseen" else cell
         with timed(seconds, name):
-            row, row_scores = evaluate(detectors[name], protocol, cell, fit_cell, inputs, signatures, info)
+            row, row_scores = evaluate(detectors[name], protocol, cell, fit_cell, inputs, signatures, info,
+                                       keep=fit_cell.record is source)
         rows.append(row)
         scores[cell.record.key].update(row_scores)
     write_detection(run_dir, info, records, rows, scores)
@@ -130,7 +135,7 @@ class PreparedDetector:
                keep: bool = False) -> Detector:
         """The detector fitted on ``on`` (the reference set, or one cell's calibration pairs of one
         round): fitted now unless it was fitted on ``on`` last or kept from then (``keep``: a fit
-        that later cells need again, as the unseen protocol's fits under cross-fitting)."""
+        that later cells need again, as the fits on the unseen protocol's source cell)."""
         if on in self.kept:
             return self.kept[on]
         if self.fitted_on != on:
@@ -178,8 +183,10 @@ def prepare_detectors(info: RunInfo, model: nn.Module, inputs: StageInputs, sign
 
 
 def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell, inputs: StageInputs,
-             signatures: Signatures, info: RunInfo) -> tuple[ResultRow, dict[str, np.ndarray]]:
-    """One detector under one protocol on one cell: its result row and its test scores."""
+             signatures: Signatures, info: RunInfo, *, keep: bool = False) -> tuple[ResultRow, dict[str, np.ndarray]]:
+    """One detector under one protocol on one cell: its result row and its test scores. ``keep``:
+    keep the supervised fits on ``fit_cell`` for later rows (those on the ``unseen`` protocol's
+    source cell, which its ``seen`` row fits first and every ``unseen`` row fits again)."""
     detector, record, name = entry.detector, cell.record, entry.name
     supervised = detector.uses_adversarial and protocol != "oneclass"
     n_fit = fit_cell.n_fit if supervised else 0
@@ -198,7 +205,7 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
                 continue
             fitted = entry.fitted(f"{fit_cell.record.key}#{index}", fit_cell.negatives(signatures, detector, fit_rows),
                                   fit_cell.adversarial(signatures, detector, fit_rows),
-                                  keep=protocol == "unseen" and len(cell.rounds) > 1)
+                                  keep=keep)
             params.append(fitted.fitted_params())
             parts.append((fitted.score_samples(cell.negatives(signatures, detector, test_rows)),
                           fitted.score_samples(cell.adversarial(signatures, detector, test_rows))))
@@ -206,7 +213,9 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
         adversarial_scores = np.concatenate([adversarial for _, adversarial in parts])
         row.detector_params = params[0] if len(cell.rounds) == 1 else {k: [p[k] for p in params] for k in params[0]}
     else:
-        fitted = entry.fitted("reference", signatures.get(detector, "reference", inputs.reference))
+        reference = signatures.get(detector, "reference", inputs.reference) if detector.learns_from_clean \
+            else np.empty((0, 0))
+        fitted = entry.fitted("reference", reference)
         row.detector_params = fitted.fitted_params()
         clean_scores = fitted.score_samples(cell.negatives(signatures, detector, cell.test))
         adversarial_scores = fitted.score_samples(cell.adversarial(signatures, detector, cell.test))
@@ -268,22 +277,29 @@ def protocols_of(detector: Detector) -> list[str]:
 
 @dataclass
 class Signatures:
-    """Signatures computed once per (signature key, input set) and shared by detectors."""
+    """Signatures computed once per (signature key, input set) and shared by detectors; the plain
+    forward passes of the detectors that read nothing else, once per input set for all of them."""
 
     model: nn.Module
     batch_size: int
     store: dict[tuple, np.ndarray] = field(default_factory=dict)
+    #: per (input set, chunk): the plain forward pass over that chunk's inputs
+    forwards: dict[tuple[str, int], PlainForward] = field(default_factory=dict)
 
     def get(self, detector: Detector, what: str, inputs: torch.Tensor) -> np.ndarray:
         """The signatures of ``inputs`` (named ``what``), ``detector.signatures(model, inputs)``:
         computed on first use block by block (:meth:`~advdetect.detectors.Detector.signature_blocks`,
-        each block once for every detector that shares it), in chunks of ``batch_size`` rows, shared
-        among the ranks of a distributed audit."""
+        each block once for every detector that shares it), or from the plain forward pass that
+        every :attr:`~advdetect.detectors.Detector.plain_forward_only` detector shares, in chunks of
+        ``batch_size`` rows, shared among the ranks of a distributed audit."""
         key = (detector.signature_key(), what)
         if key not in self.store:
-            blocks = [self._block(block_key, compute, what, inputs)
-                      for block_key, compute in detector.signature_blocks()]
-            self.store[key] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+            if detector.plain_forward_only:
+                self.store[key] = self._from_forward(detector, what, inputs)
+            else:
+                blocks = [self._block(block_key, compute, what, inputs)
+                          for block_key, compute in detector.signature_blocks()]
+                self.store[key] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
         return self.store[key]
 
     def _block(self, block_key: tuple, compute: SignatureFunction, what: str, inputs: torch.Tensor) -> np.ndarray:
@@ -295,6 +311,17 @@ class Signatures:
             self.store[key] = (compute(self.model, inputs, batch_size=self.batch_size)
                                if signatures is None else signatures)
         return self.store[key]
+
+    def _from_forward(self, detector: Detector, what: str, inputs: torch.Tensor) -> np.ndarray:
+        """``detector.signatures`` from the plain forward pass over each chunk, made on first use."""
+
+        def compute(index: int, rows: slice) -> np.ndarray:
+            if (what, index) not in self.forwards:
+                self.forwards[(what, index)] = plain_forward(self.model, inputs[rows], self.batch_size)
+            return detector.forward_signatures(self.model, self.forwards[(what, index)])
+
+        signatures = current_world().map_chunks(len(inputs), self.batch_size, compute)
+        return detector.signatures(self.model, inputs, batch_size=self.batch_size) if signatures is None else signatures
 
 
 class Cell:
