@@ -60,3 +60,16 @@ def test_bootstrap_interval_brackets_the_auroc_and_shrinks_with_more_data():
     # the true AUROC of N(0,1) against N(1,1) is Phi(1 / sqrt 2) = 0.760; a 95% interval on 600 pairs covers it
     low, high = bootstrap_auroc_ci(*large, seed=1)
     assert low < 0.760 < high
+
+
+def test_each_bootstrap_resample_is_the_auroc_of_the_drawn_scores():
+    from advdetect.run.metrics import bootstrap_auroc_ci
+
+    rng = np.random.default_rng(3)
+    clean, adversarial = rng.normal(0, 1, 17).round(1), rng.normal(1, 1, 13).round(1)  # ties too
+    draws = np.random.default_rng(5)  # the same draws as the function: adversarial first, then clean
+    adversarial_picks = draws.integers(0, len(adversarial), size=(40, len(adversarial)))
+    clean_picks = draws.integers(0, len(clean), size=(40, len(clean)))
+    aurocs = [detection_metrics(clean[c], adversarial[a])["auroc"] for a, c in zip(adversarial_picks, clean_picks)]
+    expected = np.clip(np.percentile(aurocs, [2.5, 97.5]), 0, 1)
+    np.testing.assert_allclose(bootstrap_auroc_ci(clean, adversarial, seed=5, resamples=40), expected, rtol=1e-12)

@@ -51,17 +51,22 @@ def bootstrap_auroc_ci(clean_scores: np.ndarray, adversarial_scores: np.ndarray,
                        resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the AUROC, resampling clean and adversarial scores
     separately. AUROC is the mean of the pairwise comparison matrix, so each resample is a
-    weighted mean of it: one matrix product for all resamples."""
+    weighted mean of it: two matrix products for all resamples. They run on whole numbers (how
+    often each score was drawn, twice the comparison), so they are exact in float64 up to 2**53,
+    and each resample's AUROC is rounded once, in the final division."""
     clean = np.asarray(clean_scores, dtype=np.float64).ravel()
     adversarial = np.asarray(adversarial_scores, dtype=np.float64).ravel()
-    wins = (adversarial[:, None] > clean[None, :]) + 0.5 * (adversarial[:, None] == clean[None, :])
+    twice_wins = 2.0 * (adversarial[:, None] > clean[None, :]) + (adversarial[:, None] == clean[None, :])
     rng = np.random.default_rng(seed)
 
-    def weights(n: int) -> np.ndarray:
-        picks = rng.integers(0, n, size=(resamples, n))
-        return np.stack([np.bincount(row, minlength=n) for row in picks]) / n
+    def draw_counts(n: int) -> np.ndarray:
+        picks = rng.integers(0, n, size=(resamples, n))  # one bincount for all: row b counts in [b*n, (b+1)*n)
+        counts = np.bincount((picks + n * np.arange(resamples)[:, None]).ravel(), minlength=resamples * n)
+        return counts.reshape(resamples, n).astype(np.float64)
 
-    aurocs = np.einsum("ba,ac,bc->b", weights(len(adversarial)), wins, weights(len(clean)))
+    adversarial_counts = draw_counts(len(adversarial))
+    clean_counts = draw_counts(len(clean))
+    aurocs = ((adversarial_counts @ twice_wins) * clean_counts).sum(axis=1) / (2.0 * len(adversarial) * len(clean))
     tail = 100 * (1 - level) / 2
-    low, high = np.clip(np.percentile(aurocs, [tail, 100 - tail]), 0.0, 1.0)  # the einsum's rounding can pass 1
+    low, high = np.clip(np.percentile(aurocs, [tail, 100 - tail]), 0.0, 1.0)
     return float(low), float(high)
