@@ -67,7 +67,8 @@ def test_the_shared_forward_pass_needs_no_final_linear_layer_but_for_the_feature
         signatures.get(build_detector("gradnorm"), "clean", x)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, cls in DETECTORS.items() if not cls.learns_from_clean))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "confounding_gradient_agnostic" else n
+                                  for n in sorted(n for n, cls in DETECTORS.items() if not cls.learns_from_clean)])
 def test_a_fit_that_learns_nothing_from_clean_signatures_needs_none(name, model, digits):
     x, y = digits
     detector = build_detector(name).prepare(model, x[:60], y[:60], batch_size=64)

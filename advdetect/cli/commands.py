@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from advdetect.errors import ExitCode, Terminated, UsageError
@@ -61,6 +62,10 @@ def _verbosity(default: Any) -> argparse.ArgumentParser:
     return parent
 
 
+#: adds one subcommand: ``command(name, **add_parser keywords)`` returns its parser
+NewCommand = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="advdetect", description="Adversarial-robustness audits: attack, detect, report.",
                     parents=[_verbosity(default=0)])
@@ -71,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[verbosity], **kwargs)
 
+    for add in (
+        _audit_command, _check_command, _ood_command, _history_command, _compare_command, _detect_command,
+        _listing_command, _train_command, _bench_command, _report_command):
+        add(command)
+    return parser
+
+
+def _audit_command(command: NewCommand) -> None:
     audit = command("audit", help="attack, detect and report in one run",
                     description="Run an audit suite against a model and data; write results.json, report.html "
                                 "and report.pdf into a new run folder. Defaults come from [tool.advdetect] in "
@@ -78,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
 
+
+def _check_command(command: NewCommand) -> None:
     check = command("check", help="run an audit and check the suite's thresholds, pytest-style",
                     description="Run the audit (reusing cached attack work) and check the suite's "
                                 "[thresholds]: exit 0 when every check passes, 1 when any fails, 2 on "
@@ -87,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the checks as JSON on stdout, for machines")
     check.set_defaults(func=cmd_check)
 
+
+def _ood_command(command: NewCommand) -> None:
     ood = command("ood", help="out-of-distribution detection: clean inputs against OOD sets",
                   description="Score the audited clean inputs against out-of-distribution sets with the "
                               "same detectors, protocols, metrics and report as an audit; each set takes "
@@ -97,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "npz:FILE (default: %(default)s)")
     ood.set_defaults(func=cmd_ood)
 
+
+def _history_command(command: NewCommand) -> None:
     history = command("history", help="list the audit runs under an output root")
     history.add_argument("root", type=Path, nargs="?", default=Path("reports"),
                          help="output root (default: %(default)s)")
     history.add_argument("--json", action="store_true", help="print the runs as JSON on stdout, for machines")
     history.set_defaults(func=cmd_history)
 
+
+def _compare_command(command: NewCommand) -> None:
     compare = command("compare", help="the differences between two runs, regressions flagged",
                       description="Compare two runs' results cell by cell; exit 1 when RUN_B regresses "
                                   "on RUN_A beyond the 95% intervals.")
@@ -111,10 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print the differences as JSON on stdout, for machines")
     compare.set_defaults(func=cmd_compare)
 
+
+def _detect_command(command: NewCommand) -> None:
     detect = command("detect", help="rerun detection and the report on an audit's run folder")
     detect.add_argument("run_dir", type=Path)
     detect.set_defaults(func=cmd_detect)
 
+
+def _listing_command(command: NewCommand) -> None:
     listing = command("list", help="list the registered attacks, detectors or the built-in suites",
                       description="List what a suite can name: attacks (with their keywords and defaults), "
                                   "detectors, or the built-in suites.")
@@ -122,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON on stdout, for machines")
     listing.set_defaults(func=cmd_list)
 
+
+def _train_command(command: NewCommand) -> None:
     train = command("train-default", help="train the embedded default model again, from the MNIST digits",
                     description="Train the default MNIST CNN with the recipe that made the shipped weights "
                                 "(seeded, deterministic on the CPU), and write its weights as safetensors; "
@@ -132,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, help="training epochs (default: the shipped recipe's)")
     train.set_defaults(func=cmd_train_default)
 
+
+def _bench_command(command: NewCommand) -> None:
     bench = command("bench", help="time the gradient features, or (--audit) a whole audit at several sizes",
                     description="Time, in one run, the per-sample loop, torch.func vmap, the batched "
                                 "features and one batched forward+backward pass, as ratios. With --audit: run "
@@ -157,10 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON for machines")
     bench.set_defaults(func=cmd_bench)
 
+
+def _report_command(command: NewCommand) -> None:
     report = command("report", help="rewrite results.json, report.html and report.pdf of a run folder")
     report.add_argument("run_dir", type=Path)
     report.set_defaults(func=cmd_report)
-    return parser
 
 
 def _version() -> str:

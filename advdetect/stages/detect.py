@@ -198,27 +198,10 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
     if row.reason:
         return row, {}
     if supervised:
-        # one fit per round (one round without cross-fitting), each scoring its round's test pairs
-        parts, params = [], []
-        for index, ((fit_rows, _), (_, test_rows)) in enumerate(zip(fit_cell.rounds, cell.rounds)):
-            if not len(test_rows):  # a fold without a fooled input of this cell: nothing to score
-                continue
-            fitted = entry.fitted(f"{fit_cell.record.key}#{index}", fit_cell.negatives(signatures, detector, fit_rows),
-                                  fit_cell.adversarial(signatures, detector, fit_rows),
-                                  keep=keep)
-            params.append(fitted.fitted_params())
-            parts.append((fitted.score_samples(cell.negatives(signatures, detector, test_rows)),
-                          fitted.score_samples(cell.adversarial(signatures, detector, test_rows))))
-        clean_scores = np.concatenate([clean for clean, _ in parts])
-        adversarial_scores = np.concatenate([adversarial for _, adversarial in parts])
-        row.detector_params = params[0] if len(cell.rounds) == 1 else {k: [p[k] for p in params] for k in params[0]}
+        clean_scores, adversarial_scores, row.detector_params = supervised_scores(entry, cell, fit_cell, signatures,
+                                                                                  keep=keep)
     else:
-        reference = signatures.get(detector, "reference", inputs.reference) if detector.learns_from_clean \
-            else np.empty((0, 0))
-        fitted = entry.fitted("reference", reference)
-        row.detector_params = fitted.fitted_params()
-        clean_scores = fitted.score_samples(cell.negatives(signatures, detector, cell.test))
-        adversarial_scores = fitted.score_samples(cell.adversarial(signatures, detector, cell.test))
+        clean_scores, adversarial_scores, row.detector_params = reference_scores(entry, cell, inputs, signatures)
     if protocol == "unseen":
         row.detector_params["fitted_on"] = fit_cell.record.key
     bad = int((~np.isfinite(clean_scores)).sum() + (~np.isfinite(adversarial_scores)).sum())
@@ -227,13 +210,53 @@ def evaluate(entry: PreparedDetector, protocol: str, cell: Cell, fit_cell: Cell,
         row.detector_params = {}
         log.warning("%s on %s: %s", name, record.key, row.reason)
         return row, {}
+    add_metrics(row, clean_scores, adversarial_scores, seed=derive_seed(info.seed, "bootstrap", record.key, name,
+                                                                        protocol))
+    return row, {f"{protocol}__{name}__clean": clean_scores, f"{protocol}__{name}__adversarial": adversarial_scores}
+
+
+Scored = tuple[np.ndarray, np.ndarray, dict]
+
+
+def supervised_scores(entry: PreparedDetector, cell: Cell, fit_cell: Cell, signatures: Signatures, *,
+                      keep: bool) -> Scored:
+    """Clean and adversarial test scores of ``cell`` from one fit per round on ``fit_cell``'s
+    calibration pairs (one round without cross-fitting), each scoring its round's test pairs;
+    with the fitted parameters, listed per round under cross-fitting."""
+    detector = entry.detector
+    parts, params = [], []
+    for index, ((fit_rows, _), (_, test_rows)) in enumerate(zip(fit_cell.rounds, cell.rounds)):
+        if not len(test_rows):  # a fold without a fooled input of this cell: nothing to score
+            continue
+        fitted = entry.fitted(f"{fit_cell.record.key}#{index}", fit_cell.negatives(signatures, detector, fit_rows),
+                              fit_cell.adversarial(signatures, detector, fit_rows), keep=keep)
+        params.append(fitted.fitted_params())
+        parts.append((fitted.score_samples(cell.negatives(signatures, detector, test_rows)),
+                      fitted.score_samples(cell.adversarial(signatures, detector, test_rows))))
+    clean = np.concatenate([clean for clean, _ in parts])
+    adversarial = np.concatenate([adversarial for _, adversarial in parts])
+    return clean, adversarial, params[0] if len(cell.rounds) == 1 else {k: [p[k] for p in params] for k in params[0]}
+
+
+def reference_scores(entry: PreparedDetector, cell: Cell, inputs: StageInputs, signatures: Signatures) -> Scored:
+    """Clean and adversarial test scores of ``cell`` from the fit on the clean reference inputs,
+    with the fitted parameters."""
+    detector = entry.detector
+    reference = signatures.get(detector, "reference", inputs.reference) if detector.learns_from_clean \
+        else np.empty((0, 0))
+    fitted = entry.fitted("reference", reference)
+    return (fitted.score_samples(cell.negatives(signatures, detector, cell.test)),
+            fitted.score_samples(cell.adversarial(signatures, detector, cell.test)), fitted.fitted_params())
+
+
+def add_metrics(row: ResultRow, clean_scores: np.ndarray, adversarial_scores: np.ndarray, *, seed: int) -> None:
+    """The detection metrics of the scores on ``row``, its undetected success rate and the AUROC's
+    bootstrap interval (seeded by ``seed``)."""
     for metric, value in detection_metrics(clean_scores, adversarial_scores).items():
         setattr(row, metric, value)
-    if record.attack_success_rate is not None:  # fooled, times the share of the fooled that pass
-        row.undetected_success_rate = record.attack_success_rate * (1 - row.tpr_at_5fpr)  # type: ignore[operator]
-    row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(
-        clean_scores, adversarial_scores, seed=derive_seed(info.seed, "bootstrap", record.key, name, protocol))
-    return row, {f"{protocol}__{name}__clean": clean_scores, f"{protocol}__{name}__adversarial": adversarial_scores}
+    if row.attack_success_rate is not None:  # fooled, times the share of the fooled that pass
+        row.undetected_success_rate = row.attack_success_rate * (1 - row.tpr_at_5fpr)  # type: ignore[operator]
+    row.auroc_ci_low, row.auroc_ci_high = bootstrap_auroc_ci(clean_scores, adversarial_scores, seed=seed)
 
 
 def write_detection(run_dir: Path, info: RunInfo, records: list[AttackRecord], rows: list[ResultRow],
