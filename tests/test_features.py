@@ -222,3 +222,14 @@ def test_prediction_instability_by_hand():
     np.testing.assert_allclose(prediction_instability(model, inputs[3:], levels, draws, seed=7, batch_size=64),
                                got[3:], rtol=1e-6, atol=1e-12)
     assert prediction_instability(model, inputs[:0], levels, draws).shape == (0, 4)
+
+
+def test_prediction_instability_runs_the_model_on_at_most_a_batch():
+    from advdetect.signatures.features import prediction_instability
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).eval()
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    prediction_instability(model, torch.rand(5, 1, 2, 3), (0.05, 0.3), 4, batch_size=2)
+    assert max(sizes) == 2  # never the batch times the draws (GPU memory)
+    assert sum(sizes) == 5 * (1 + 2 * 4)
