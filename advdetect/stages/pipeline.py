@@ -21,6 +21,7 @@ from typing import Any
 from advdetect.stages.adaptive import adaptive_stage
 from advdetect.stages.attack import attack_stage
 from advdetect.attacks.cache import tensor_sha256
+from advdetect.signatures.inference import channels_last_pooling
 from advdetect.stages.detect import detect_stage
 from advdetect.stages.distributed import current_world
 from advdetect.errors import UsageError
@@ -108,7 +109,8 @@ def _run_audit(options: AuditOptions, out: Path | None, ood_specs: list[str] | N
 
     with locked(run_dir):
         try:
-            document = _stages(run_dir, options, prepared, cells, ood_specs, progress, started)
+            with channels_last_pooling(prepared.loaded.module):
+                document = _stages(run_dir, options, prepared, cells, ood_specs, progress, started)
         except BaseException as exc:
             _record_failure(run_dir, exc, position.describe())
             raise
@@ -176,8 +178,9 @@ def rerun_detection(run_dir: Path) -> dict[str, Any]:
     with locked(run_dir):
         records = read_attack_records(run_dir, info)
         model = reload_model(run_dir, info)
-        detect_stage(run_dir, model, records)
-        adaptive_stage(run_dir, model, records)
+        with channels_last_pooling(model):
+            detect_stage(run_dir, model, records)
+            adaptive_stage(run_dir, model, records)
         return write_report(run_dir)
 
 
