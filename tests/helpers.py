@@ -19,7 +19,7 @@ def results_without_timings(run_dir: Path) -> dict:
     """results.json less what legitimately differs between identical runs: times and timings."""
     results = json.loads((run_dir / "results.json").read_text())
     results.pop("timings"), results.pop("started_at"), results.pop("detector_timings", None)
-    results.pop("adaptive_timings", None)
+    results.pop("adaptive_timings", None), results.pop("detector_passes", None)  # with torchrun: rank 0's share
     if results.get("gradient_masking"):
         results["gradient_masking"].pop("seconds")
     for attack in results["attacks"]:

@@ -108,7 +108,29 @@ def test_the_attack_stage_records_each_cells_passes_and_bench_audit_its_floor(tm
         floor = cell["forward_passes"] * cost["forward"] + cell["backward_passes"] * cost["backward"]
         assert cell["floor_seconds"] == pytest.approx(floor) and cell["floor_ratio"] == pytest.approx(
             cell["seconds"] / floor)
+    # MSP makes one forward pass per clean input and per fooling adversarial input of each cell, and no
+    # backward pass
+    msp = run["detector_floors"]["msp"]
+    assert n < msp["forward_passes"] <= 4 * n and msp["backward_passes"] == 0
+    assert msp["floor_seconds"] == pytest.approx(msp["forward_passes"] * cost["forward"])
     table = format_report(report).splitlines()
+    assert next(line.split() for line in table if line.startswith("msp"))[1:3] == [str(msp["forward_passes"]), "0"]
     row = next(line.split() for line in table if line.startswith("pgd[eps=0.3]"))
     assert row[1:3] == [str(4 * n), str(3 * n)] and float(row[-1]) == pytest.approx(
         run["cells"]["pgd[eps=0.3]"]["floor_ratio"], abs=0.01)
+
+
+def test_the_detect_stage_charges_each_detector_its_seconds_and_passes(tiny_model, tiny_inputs):
+    from advdetect.stages.detect import Spent
+
+    spent = Spent(tiny_model)
+    with spent.on("a"):
+        with torch.no_grad():
+            tiny_model(tiny_inputs)
+    with spent.on("b"):
+        x = tiny_inputs.clone().requires_grad_(True)
+        torch.autograd.grad(tiny_model(x).sum(), x)
+    with spent.on("a"):
+        tiny_model(tiny_inputs[:2])
+    assert spent.passes == {"a": {"forward": 8, "backward": 0}, "b": {"forward": 6, "backward": 6}}
+    assert set(spent.seconds) == {"a", "b"} and all(s > 0 for s in spent.seconds.values())

@@ -43,7 +43,8 @@ def measure(options: AuditOptions, sizes: Sequence[int]) -> dict[str, Any]:
             runs.append({"n": n, "attacked": document["attacks"][0]["n_attacked"] if document["attacks"] else 0,
                          "stages": document["timings"], "detectors": document.get("detector_timings", {}),
                          "attacks": {k: round(v, 3) for k, v in attacks.items()},
-                         "pass_cost": cost.to_dict(), "cells": cell_floors(document["attacks"], cost)})
+                         "pass_cost": cost.to_dict(), "cells": cell_floors(document["attacks"], cost),
+                         "detector_floors": detector_floors(document, cost)})
     return {"suite": options.suite.name, "model": options.model_label, "data": options.data_label,
             "sizes": list(sizes), "runs": runs, "growth": growth(runs)}
 
@@ -51,13 +52,23 @@ def measure(options: AuditOptions, sizes: Sequence[int]) -> dict[str, Any]:
 def cell_floors(records: list[dict[str, Any]], cost: PassCost) -> dict[str, dict[str, Any]]:
     """Per attack cell of ``results.json``: its seconds, the passes it made, its floor (those passes at
     ``cost``) and its floor ratio, seconds / floor (None where no pass was counted)."""
-    cells = {}
-    for record in records:
-        forward, backward = record.get("forward_passes"), record.get("backward_passes")
-        floor = cost.floor(forward, backward) if forward is not None and backward is not None else None
-        cells[record["key"]] = {"seconds": record["seconds"], "forward_passes": forward, "backward_passes": backward,
-                                "floor_seconds": floor, "floor_ratio": record["seconds"] / floor if floor else None}
-    return cells
+    return {record["key"]: _floor(record["seconds"], record.get("forward_passes"), record.get("backward_passes"), cost)
+            for record in records}
+
+
+def detector_floors(document: dict[str, Any], cost: PassCost) -> dict[str, dict[str, Any]]:
+    """Per detector of ``results.json``, as :func:`cell_floors`: its seconds in the detect stage
+    against the model passes it made there. What lies above the floor is its own work (fitting,
+    distances, noisy copies stopped partway) besides the passes."""
+    passes = document.get("detector_passes", {})
+    return {name: _floor(seconds, passes.get(name, {}).get("forward"), passes.get(name, {}).get("backward"), cost)
+            for name, seconds in document.get("detector_timings", {}).items()}
+
+
+def _floor(seconds: float, forward: int | None, backward: int | None, cost: PassCost) -> dict[str, Any]:
+    floor = cost.floor(forward, backward) if forward is not None and backward is not None else None
+    return {"seconds": seconds, "forward_passes": forward, "backward_passes": backward, "floor_seconds": floor,
+            "floor_ratio": seconds / floor if floor else None}
 
 
 def growth(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -90,17 +101,20 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def format_floors(run: dict[str, Any]) -> list[str]:
-    """The attack cells of one run against their floor: passes, seconds, floor seconds and floor ratio."""
+    """The attack cells and the detectors of one run against their floor: passes, seconds, floor
+    seconds and floor ratio."""
     cost = run["pass_cost"]
-    lines = [(f"attack cells at n={run['n']} against their floor: the passes counted (per input) times the cost "
-              f"of one pass per input, measured after the audit at batch {cost['batch_size']}: forward "
-              f"{cost['forward'] * 1e3:.3f} ms, forward+backward {cost['forward_backward'] * 1e3:.3f} ms")]
-    header = ["cell", "forward", "backward", "seconds", "floor (s)", "floor ratio"]
-    rows = [[key, _count(cell["forward_passes"]), _count(cell["backward_passes"]), f"{cell['seconds']:.2f}",
-             "-" if cell["floor_seconds"] is None else f"{cell['floor_seconds']:.2f}",
-             "-" if cell["floor_ratio"] is None else f"{cell['floor_ratio']:.2f}"]
-            for key, cell in run["cells"].items()]
-    return lines + _table([header, *rows])
+    lines = [(f"attack cells and detectors at n={run['n']} against their floor: the passes counted (per input) "
+              f"times the cost of one pass per input, measured after the audit at batch {cost['batch_size']}: "
+              f"forward {cost['forward'] * 1e3:.3f} ms, forward+backward {cost['forward_backward'] * 1e3:.3f} ms")]
+    for label, floors in (("cell", run["cells"]), ("detector", run.get("detector_floors", {}))):
+        header = [label, "forward", "backward", "seconds", "floor (s)", "floor ratio"]
+        rows = [[key, _count(part["forward_passes"]), _count(part["backward_passes"]), f"{part['seconds']:.2f}",
+                 "-" if part["floor_seconds"] is None else f"{part['floor_seconds']:.2f}",
+                 "-" if part["floor_ratio"] is None else f"{part['floor_ratio']:.2f}"]
+                for key, part in floors.items()]
+        lines += ["", *_table([header, *rows])] if rows else []
+    return lines
 
 
 def _count(value: int | None) -> str:

@@ -66,7 +66,8 @@ def results_document(info: RunInfo, cells: list[Cell], robust_accuracy: list[dic
         schema=RESULTS_SCHEMA, clean_accuracy=info.clean_accuracy, model=info.model, data=info.data, suite=info.suite,
         seed=info.seed, device=info.device, fit_fraction=info.fit_fraction, fit_folds=info.fit_folds,
         versions=info.versions, started_at=info.started_at, timings=info.timings,
-        detector_timings=info.detector_timings, attacks=[cell.record for cell in cells],
+        detector_timings=info.detector_timings, detector_passes=info.detector_passes,
+        attacks=[cell.record for cell in cells],
         results=[row for cell in cells for row in cell.rows] + list(adaptive or []),
         adaptive_timings=info.adaptive_timings, robust_accuracy=robust_accuracy or [], gradient_masking=masking,
         verdict=None).to_dict()

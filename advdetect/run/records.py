@@ -192,6 +192,9 @@ class RunInfo(Record):
     #: seconds of the detect stage spent on each detector: preparing, signatures, fitting and
     #: scoring; a signature shared by several detectors is charged to the first that needs it
     detector_timings: dict[str, float] = field(default_factory=dict)
+    #: the model passes per input each detector made in the detect stage, ``{"forward": F,
+    #: "backward": B}``, charged as its seconds are (with torchrun: rank 0's share)
+    detector_passes: dict[str, dict[str, int]] = field(default_factory=dict)
     #: seconds of the adaptive stage spent on each detector (refit, attack, scoring)
     adaptive_timings: dict[str, float] = field(default_factory=dict)
     #: (key, slug) of every cell, in suite order: the attack cells, or an OOD run's sets
@@ -405,6 +408,7 @@ class Results(Record):
     started_at: str
     timings: dict[str, float]
     detector_timings: dict[str, float]
+    detector_passes: dict[str, dict[str, int]]
     attacks: list[AttackRecord]
     results: list[ResultRow]
     adaptive_timings: dict[str, float]

@@ -47,6 +47,7 @@ from torch import nn
 
 from advdetect.detectors import Detector, DetectorVariant, SignatureFunction, build_detector
 from advdetect.signatures.activations import PlainForward, plain_forward
+from advdetect.signatures.passes import PassCounter
 from advdetect.stages.distributed import current_world
 from advdetect.errors import Unavailable
 from advdetect.run.metrics import bootstrap_auroc_ci, detection_metrics
@@ -72,8 +73,8 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
     set_stage(run_dir, "detect", RUNNING)
     started = time.perf_counter()
     signatures = Signatures(model, info.batch_size)
-    seconds: dict[str, float] = {}
-    detectors = prepare_detectors(info, model, inputs, signatures, seconds)
+    spent = Spent(model)
+    detectors = prepare_detectors(info, model, inputs, signatures, spent)
     source = unseen_source(records)
     work = [(name, protocol, cell)
             for name, detector in detectors.items() for protocol in protocols_of(detector.detector)
@@ -83,14 +84,15 @@ def detect_stage(run_dir: Path, model: nn.Module, records: list[AttackRecord],
     for done, (name, protocol, cell) in enumerate(progress(work, desc="detect", unit="row")):
         on_progress("detect", f"{name}, {protocol}, {cell.record.key}", done, len(work))
         fit_cell = inputs.cell(source) if protocol == "unseen" else cell
-        with timed(seconds, name):
+        with spent.on(name):
             row, row_scores = evaluate(detectors[name], protocol, cell, fit_cell, inputs, signatures, info,
                                        keep=fit_cell.record is source)
         rows.append(row)
         scores[cell.record.key].update(row_scores)
     write_detection(run_dir, info, records, rows, scores)
     update_run(run_dir, ("detect", time.perf_counter() - started),
-               detector_timings={name: round(value, 3) for name, value in seconds.items()})
+               detector_timings={name: round(value, 3) for name, value in spent.seconds.items()},
+               detector_passes=spent.passes)
     set_stage(run_dir, "detect", COMPLETE)
     return rows
 
@@ -152,27 +154,44 @@ def run_variants(info: RunInfo) -> list[DetectorVariant]:
     return [DetectorVariant.from_dict(name, table) for name, table in tables.items()]
 
 
-@contextlib.contextmanager
-def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall time of the block to ``seconds[name]``."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
+@dataclass
+class Spent:
+    """What each detector cost the detect stage: seconds, and the model's forward and backward
+    passes per input (:class:`~advdetect.signatures.passes.PassCounter`; a pass stopped partway, as
+    Mahalanobis' noisy copies, is not counted). Work shared by several detectors (a signature block,
+    one plain forward pass) is charged to the first that needs it. With torchrun, each process
+    counts its own share."""
+
+    model: nn.Module
+    seconds: dict[str, float] = field(default_factory=dict)
+    passes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def on(self, name: str) -> Iterator[None]:
+        """Charge the block's wall time and passes to detector ``name``."""
+        started = time.perf_counter()
+        counter = PassCounter(self.model)
+        try:
+            with counter:
+                yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            spent = self.passes.setdefault(name, {"forward": 0, "backward": 0})
+            spent["forward"] += counter.forward
+            spent["backward"] += counter.backward
 
 
 def prepare_detectors(info: RunInfo, model: nn.Module, inputs: StageInputs, signatures: Signatures,
-                      seconds: dict[str, float] | None = None) -> dict[str, PreparedDetector]:
+                      spent: Spent | None = None) -> dict[str, PreparedDetector]:
     """Every detector of the run, prepared on the reference inputs with its clean signatures
-    computed; one that cannot run on this model keeps the reason. Adds each one's time to ``seconds``."""
+    computed; one that cannot run on this model keeps the reason. Charges each one's work to ``spent``."""
     variants = run_variants(info)
     prepared = {}
-    seconds = {} if seconds is None else seconds
+    spent = Spent(model) if spent is None else spent
     for name in progress(info.detectors, desc="prepare detectors", unit="detector", leave=False):
         entry = PreparedDetector(name, build_detector(name, variants))
         try:
-            with timed(seconds, name):
+            with spent.on(name):
                 entry.detector.prepare(model, inputs.reference, inputs.reference_labels, batch_size=info.batch_size)
                 signatures.get(entry.detector, "clean", inputs.clean)
         except Unavailable as exc:
