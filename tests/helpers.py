@@ -45,3 +45,15 @@ def inputs_labelled_by(model, n: int, seed: int):
     x = 0.2 + 0.6 * torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return x, model(x).argmax(1)
+
+
+def shuffled_digits(n: int):
+    """The first ``n`` of the embedded default's test digits in a seeded order (the split itself
+    is sorted by class, so these cover every class), with their labels."""
+    import torch
+
+    from advdetect.sources import embedded
+
+    x, y = embedded.test_split()
+    rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+    return x[rows], y[rows]

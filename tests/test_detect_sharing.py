@@ -25,7 +25,7 @@ from advdetect.signatures.activations import plain_forward
 from advdetect.signatures.features import confounding_gradient_features, per_sample_loop_features
 from advdetect.sources import embedded
 from advdetect.stages.detect import Signatures
-from helpers import TINY_SUITE
+from helpers import TINY_SUITE, shuffled_digits
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def digits():
-    """80 digits of every class (the test split is sorted by class)."""
-    x, y = embedded.test_split()
-    rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:80]
-    return x[rows], y[rows]
+    return shuffled_digits(80)
 
 
 def test_detectors_of_one_plain_forward_pass_share_it_per_chunk(model, digits):

@@ -14,6 +14,7 @@ from advdetect.run.splits import fit_rounds
 from advdetect.run.storage import load_arrays
 from advdetect.sources import embedded
 from advdetect.stages.detect import unseen_source
+from helpers import shuffled_digits
 
 #: Two cells, so that supervised detectors also fit on one cell and score the other (``unseen``).
 SUITE = """
@@ -51,10 +52,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def digits():
-    """60 digits of every class (the test split is sorted by class)."""
-    x, y = embedded.test_split()
-    rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:60]
-    return x[rows], y[rows]
+    return shuffled_digits(60)
 
 
 @pytest.fixture(scope="module")
