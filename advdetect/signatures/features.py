@@ -349,7 +349,8 @@ def _conv(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, g: torch.Tensor, full: bool
             # few input channels (a first layer): the unfolded input is no larger than g, and one
             # batched product beats a convolution with a group per input on the CPU, whose time
             # also swells on a busy machine (128 MNIST inputs: 8 against 29 ms idle, 12 ms against
-            # 2 s on a loaded 2-core machine); the same values here, bit for bit
+            # 2 s on a loaded 2-core machine); the same values up to float rounding (the default
+            # audit's results.json did not move; tests pin 1e-10 in float64)
             u = _unfold(x, kernel, dilation, padding, stride).view(n * groups, per_group_in, length)
             grad = torch.bmm(g.reshape(n * groups, per_group_out, length), u.transpose(1, 2)).view(n, *m.weight.shape)
         else:
