@@ -134,3 +134,36 @@ def test_the_detect_stage_charges_each_detector_its_seconds_and_passes(tiny_mode
         tiny_model(tiny_inputs[:2])
     assert spent.passes == {"a": {"forward": 8, "backward": 0}, "b": {"forward": 6, "backward": 6}}
     assert set(spent.seconds) == {"a", "b"} and all(s > 0 for s in spent.seconds.values())
+
+
+def test_a_gradient_from_an_inner_layer_to_the_input_counts(tiny_model, tiny_inputs):
+    """Mahalanobis takes one input gradient per layer it reads, from that layer, not from the logits."""
+    inner = []
+    tiny_model.bn.register_forward_hook(lambda module, args, out: inner.append(out))  # an inner layer
+    image = tiny_inputs.clone().requires_grad_(True)
+    with PassCounter(tiny_model) as passes:
+        logits = tiny_model(image)
+        torch.autograd.grad(inner[-1].square().sum(), image, retain_graph=True)
+        torch.autograd.grad(logits.sum(), image)
+    assert (passes.forward, passes.backward) == (6, 2 * 6)
+
+
+def test_an_input_passed_twice_counts_each_gradient_that_reaches_it_once(tiny_model, tiny_inputs):
+    image = tiny_inputs.clone().requires_grad_(True)
+    with PassCounter(tiny_model) as passes:
+        torch.autograd.grad(tiny_model(image).sum() + tiny_model(image).sum(), image)
+    assert (passes.forward, passes.backward) == (12, 6)
+
+
+def test_parameter_gradients_of_an_input_without_a_graph_count_at_the_output(tiny_model, tiny_inputs):
+    with PassCounter(tiny_model) as passes:
+        torch.autograd.grad(tiny_model(tiny_inputs).sum(), list(tiny_model.parameters()))
+    assert (passes.forward, passes.backward) == (6, 6)
+
+
+def test_gradients_after_the_block_are_not_counted(tiny_model, tiny_inputs):
+    image = tiny_inputs.clone().requires_grad_(True)
+    with PassCounter(tiny_model) as passes:
+        logits = tiny_model(image)
+    torch.autograd.grad(logits.sum(), image)
+    assert (passes.forward, passes.backward) == (6, 0)

@@ -14,19 +14,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 class PassCounter:
     """Counts the forward and backward passes of ``model`` per input while it is entered.
 
-    A forward hook on the model adds each call's batch size to :attr:`forward`; when that call's
-    output carries a gradient graph, a hook on the output adds the batch size to :attr:`backward`
-    each time a gradient flows back through it (once per ``backward()`` or ``autograd.grad``, so the
-    K-1 gradients DeepFool takes of one forward pass count K-1 times). A pass made under
-    ``torch.no_grad`` counts as a forward pass only. Calls of the model's submodules are not counted,
-    only calls of ``model`` itself; nor are the several gradients of one ``autograd.grad(...,
-    is_grads_batched=True)`` (vmap hides them from the hook: it counts as one). Counting runs again on
-    a second ``with``, adding to the counts.
+    A forward hook on the model adds each call's batch size to :attr:`forward`. A backward pass is
+    a gradient that comes back through the model, counted by the batch size each time it arrives:
+    at the model's input, when the input carries a gradient graph (an attack's gradients, and those
+    taken from an inner layer, as Mahalanobis' per-layer confidences); else at its output (the
+    gradients of the parameters that signatures take). So the K-1 gradients DeepFool takes of one
+    forward pass count K-1 times. An input passed to the model several times is counted once per
+    gradient that reaches it. A pass made under ``torch.no_grad`` counts as a forward pass only, a
+    pass stopped partway (a hook that ends the forward early) not at all, and neither do the several
+    gradients of one ``autograd.grad(..., is_grads_batched=True)`` (vmap hides them: it counts as
+    one). Calls of the model's submodules are not counted, only calls of ``model`` itself. Counting
+    runs again on a second ``with``, adding to the counts.
 
     >>> with PassCounter(model) as passes:
     ...     attack(x, y)
@@ -37,26 +41,34 @@ class PassCounter:
         self.model = model
         self.forward = 0
         self.backward = 0
-        self._handle: Any = None
+        self._handles: list[Any] = []
+        self._inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # inputs already hooked in this entry
 
     def __enter__(self) -> PassCounter:
-        if self._handle is not None:
+        if self._handles:
             raise RuntimeError("this PassCounter is already counting")
-        self._handle = self.model.register_forward_hook(self._on_forward)
+        self._handles.append(self.model.register_forward_hook(self._on_forward))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-        self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._inputs = WeakIdKeyDictionary()
 
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         tensor = _first_tensor(output)
         if tensor is None or tensor.dim() == 0:
             return
-        self.forward += tensor.shape[0]
-        if tensor.requires_grad:
-            n = tensor.shape[0]
-            tensor.register_hook(lambda grad: self._on_backward(n))
+        n = tensor.shape[0]
+        self.forward += n
+        x = _first_tensor(args)
+        if x is not None and x.requires_grad:
+            if x not in self._inputs:
+                self._inputs[x] = True
+                self._handles.append(x.register_hook(lambda grad: self._on_backward(n)))
+        elif tensor.requires_grad:
+            self._handles.append(tensor.register_hook(lambda grad: self._on_backward(n)))
 
     def _on_backward(self, n: int) -> None:
         self.backward += n

@@ -157,9 +157,8 @@ def run_variants(info: RunInfo) -> list[DetectorVariant]:
 @dataclass
 class Spent:
     """What each detector cost the detect stage: seconds, and the model's forward and backward
-    passes per input (:class:`~advdetect.signatures.passes.PassCounter`). A pass stopped partway
-    (Mahalanobis' noisy copies) is not counted, nor is a gradient taken from an inner layer rather
-    than the logits (Mahalanobis' per-layer input gradients). Work shared by several detectors (a signature block,
+    passes per input (:class:`~advdetect.signatures.passes.PassCounter`; a pass stopped partway, as
+    Mahalanobis' noisy copies, is not counted). Work shared by several detectors (a signature block,
     one plain forward pass) is charged to the first that needs it. With torchrun, each process
     counts its own share."""
 
