@@ -68,5 +68,5 @@ def bootstrap_auroc_ci(clean_scores: np.ndarray, adversarial_scores: np.ndarray,
     clean_counts = draw_counts(len(clean))
     aurocs = ((adversarial_counts @ twice_wins) * clean_counts).sum(axis=1) / (2.0 * len(adversarial) * len(clean))
     tail = 100 * (1 - level) / 2
-    low, high = np.clip(np.percentile(aurocs, [tail, 100 - tail]), 0.0, 1.0)
+    low, high = np.percentile(aurocs, [tail, 100 - tail])
     return float(low), float(high)

@@ -182,12 +182,11 @@ class Spent:
 
 
 def prepare_detectors(info: RunInfo, model: nn.Module, inputs: StageInputs, signatures: Signatures,
-                      spent: Spent | None = None) -> dict[str, PreparedDetector]:
+                      spent: Spent) -> dict[str, PreparedDetector]:
     """Every detector of the run, prepared on the reference inputs with its clean signatures
     computed; one that cannot run on this model keeps the reason. Charges each one's work to ``spent``."""
     variants = run_variants(info)
     prepared = {}
-    spent = Spent(model) if spent is None else spent
     for name in progress(info.detectors, desc="prepare detectors", unit="detector", leave=False):
         entry = PreparedDetector(name, build_detector(name, variants))
         try:
