@@ -14,6 +14,7 @@ import io
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -106,8 +107,12 @@ def draw_thumbnails(axes: np.ndarray, thumbnails: Thumbnails) -> None:
             ax.set_yticks([])
 
 
-def _color(detectors: list[str], name: str) -> tuple[float, float, float]:
-    return DETECTOR_COLORS[detectors.index(name) % len(DETECTOR_COLORS)]
+def _style(detectors: list[str], name: str) -> dict[str, Any]:
+    """One detector's line: its colour, and past the palette's ten colours another dash pattern,
+    so that no two detectors of an audit (the default runs twelve) draw the same line."""
+    index = detectors.index(name)
+    return {"color": DETECTOR_COLORS[index % len(DETECTOR_COLORS)],
+            "linestyle": ("-", "--", "-.", ":")[index // len(DETECTOR_COLORS) % 4]}
 
 
 def draw_roc(ax: Axes, record: AttackRecord, rows: Sequence[ResultRow], scores: Mapping[str, np.ndarray],
@@ -123,7 +128,7 @@ def draw_roc(ax: Axes, record: AttackRecord, rows: Sequence[ResultRow], scores: 
             reasons.append(row.reason or "not scored")
             continue
         fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
-        ax.plot(fpr, tpr, color=_color(detectors, row.detector), linewidth=1.8,
+        ax.plot(fpr, tpr, **_style(detectors, row.detector), linewidth=1.8,
                 label=f"{row.detector} ({row.auroc:.3f})")
     if reasons and len(reasons) == len(rows):
         ax.text(0.5, 0.55, "no ROC:\n" + "\n".join(textwrap.wrap(reasons[0], 38)), ha="center", va="center",
@@ -149,7 +154,7 @@ def draw_comparison(ax: Axes, cells: CellRows, detectors: list[str]) -> None:
     for name in detectors:
         values = [next((r.auroc for r in rows if r.detector == name and r.protocol == "seen"), None)
                   for _, rows in cells]
-        ax.plot(positions, [np.nan if v is None else v for v in values], marker="o", color=_color(detectors, name),
+        ax.plot(positions, [np.nan if v is None else v for v in values], marker="o", **_style(detectors, name),
                 label=name)
     ax.plot(positions, [np.nan if r.attack_success_rate is None else r.attack_success_rate for r in records],
             marker="s", linestyle=":", color="0.35", label="attack success rate")
